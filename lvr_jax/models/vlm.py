@@ -1,0 +1,100 @@
+"""The video-language model: SigLIP -> NVILA projector -> Qwen2, frames spliced at a placeholder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvr_jax.models.projector import Projector, projector_dims
+from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
+from lvr_jax.models.siglip import SiglipConfig, SiglipVision
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    llm: Qwen2Config
+    vision: SiglipConfig
+    projector_type: str = "mlp_downsample_2x2_fix"
+    video_token_id: int = -1      # id of the `<vila/video>` placeholder in the prompt
+    newline_token_id: int = 198   # "\n" in the Qwen2 vocabulary, appended after every frame
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Projected tokens per frame plus the trailing newline embedding."""
+        factor, _ = projector_dims(self.projector_type, 1, 1)
+        side = -(-self.vision.grid // factor)
+        return side * side + 1
+
+
+class VLM(nnx.Module):
+    """Vision tower + projector + LLM. See `encode_video`, `embed_prompt`, `__call__`."""
+
+    def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = SiglipVision(cfg.vision, rngs=rngs)
+        self.projector = Projector(cfg.projector_type, cfg.vision.hidden_size,
+                                   cfg.llm.hidden_size, rngs=rngs, dtype=cfg.llm.dtype,
+                                   param_dtype=cfg.llm.param_dtype)
+        self.llm = Qwen2(cfg.llm, rngs=rngs)
+
+    def encode_frames(self, frames: jax.Array) -> jax.Array:
+        """frames [T, H, W, 3] (preprocessed) -> per-frame embeddings [T, tokens_per_frame, D]."""
+        tokens = self.projector(self.vision(frames))
+        newline = self.llm.embed_tokens(jnp.asarray([self.cfg.newline_token_id]))
+        newline = jnp.broadcast_to(newline[None].astype(tokens.dtype),
+                                   (tokens.shape[0], 1, tokens.shape[-1]))
+        return jnp.concatenate([tokens, newline], axis=1)
+
+    def encode_video(self, frames: jax.Array) -> jax.Array:
+        """frames [T, H, W, 3] (preprocessed) -> video embeddings [T * tokens_per_frame, D]."""
+        emb = self.encode_frames(frames)
+        return emb.reshape(-1, emb.shape[-1])
+
+    def embed_prompt(self, token_ids: jax.Array, video_embeds: jax.Array | None = None):
+        """Token embeddings with the one video placeholder replaced by `video_embeds`.
+
+        token_ids [L] or [B, L]; video_embeds [V, D] or [B, V, D] -> [(B,) L - 1 + V, D].
+        Works under jit (the placeholder position may be traced).
+        """
+        if video_embeds is None:
+            return self.llm.embed_tokens(token_ids)
+        if token_ids.ndim == 2:
+            return jax.vmap(self.embed_prompt)(token_ids, video_embeds)
+        if not isinstance(token_ids, jax.core.Tracer):
+            count = int(jnp.sum(token_ids == self.cfg.video_token_id))
+            if count != 1:
+                raise ValueError(f"prompt must hold exactly one video placeholder (token id "
+                                 f"{self.cfg.video_token_id}), found {count}")
+        return splice(self.llm.embed_tokens(token_ids), token_ids == self.cfg.video_token_id,
+                      video_embeds.astype(self.cfg.llm.dtype))
+
+    def __call__(self, input_embeds: jax.Array, positions: jax.Array, **kwargs):
+        """LLM logits for input embeddings; see `Qwen2.__call__` for the options."""
+        return self.llm(input_embeds, positions, **kwargs)
+
+
+def splice(token_embeds: jax.Array, is_placeholder: jax.Array, video: jax.Array) -> jax.Array:
+    """Replace the single True position of `is_placeholder` [L] by the rows of `video` [V, D]."""
+    n_tok, n_vid = token_embeds.shape[0], video.shape[0]
+    where = jnp.argmax(is_placeholder)
+    out = jnp.arange(n_tok - 1 + n_vid)
+    in_video = (out >= where) & (out < where + n_vid)
+    tok_index = jnp.where(out < where, out, out - n_vid + 1)
+    tok = jnp.take(token_embeds, jnp.clip(tok_index, 0, n_tok - 1), axis=0)
+    vid = jnp.take(video, jnp.clip(out - where, 0, n_vid - 1), axis=0)
+    return jnp.where(in_video[:, None], vid, tok)
+
+
+def vlm_config_from(model_cfg) -> VLMConfig:
+    """VLMConfig from a config's `model` section (see configs/common.py)."""
+    numerics = dict(dtype=jnp.dtype(model_cfg["dtype"]),
+                    param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=model_cfg["remat"])
+    return VLMConfig(
+        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics),
+        vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics),
+        projector_type=model_cfg["projector_type"],
+        video_token_id=int(model_cfg["video_token_id"]),
+        newline_token_id=int(model_cfg["newline_token_id"]))

@@ -1,0 +1,378 @@
+"""HF / VILA checkpoints <-> nnx models: load straight into (sharded) arrays, save back as HF.
+
+A VILA-layout folder holds `config.json` (model_type "vila") and the sub-folders `llm/` (Qwen2 +
+tokenizer), `vision_tower/` (SigLIP) and `mm_projector/` (NVILA projector), each with its own
+config.json and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvr_jax.models.projector import Projector, projector_dims
+from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
+from lvr_jax.models.siglip import SiglipConfig, SiglipVision
+from lvr_jax.models.vlm import VLM, VLMConfig
+from lvr_jax.weights.io import CheckpointError, TensorDir, read_json, replace_dir, write_tensors
+from sharding.mesh import logical_sharding
+
+log = logging.getLogger(__name__)
+
+VIDEO_TOKEN = "<vila/video>"
+MEDIA_TOKENS = ("<image>", VIDEO_TOKEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """How one of our params is stored in HF: key (with `{i}` for stacked layers) and layout.
+
+    kind: 'same' (same shape), 'flat' (HF holds it flattened), 'linear' (HF [out, in] weight;
+    our first `n_in` dims are the input), 'conv' (HF [E, C, p, p] conv; ours [p, p, C, E]).
+    """
+    key: str
+    kind: str = "same"
+    n_in: int = 1
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "flat":
+            return (math.prod(ours),)
+        if self.kind == "linear":
+            return (math.prod(ours[self.n_in:]), math.prod(ours[:self.n_in]))
+        if self.kind == "conv":
+            return (ours[3], ours[2], ours[0], ours[1])
+        return ours
+
+    def to_ours(self, a: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "linear":
+            a = a.T
+        elif self.kind == "conv":
+            a = a.transpose(2, 3, 1, 0)
+        return a.reshape(ours)
+
+    def to_hf(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "linear":
+            return a.reshape(math.prod(a.shape[:self.n_in]), -1).T
+        if self.kind == "conv":
+            return a.transpose(3, 2, 0, 1)
+        return a.reshape(self.hf_shape(a.shape))
+
+
+def qwen2_tensors(cfg: Qwen2Config, prefix: str = "model.") -> dict[tuple, Tensor]:
+    """Our Qwen2 param paths -> HF tensors."""
+    lay = f"{prefix}layers.{{i}}."
+    out = {("embed",): Tensor(f"{prefix}embed_tokens.weight"),
+           ("final_norm",): Tensor(f"{prefix}norm.weight"),
+           ("layers", "input_norm"): Tensor(lay + "input_layernorm.weight"),
+           ("layers", "post_norm"): Tensor(lay + "post_attention_layernorm.weight"),
+           ("layers", "o_kernel"): Tensor(lay + "self_attn.o_proj.weight", "linear", 2)}
+    for n in "qkv":
+        out[("layers", f"{n}_kernel")] = Tensor(lay + f"self_attn.{n}_proj.weight", "linear")
+        out[("layers", f"{n}_bias")] = Tensor(lay + f"self_attn.{n}_proj.bias", "flat")
+    for n in ("gate", "up", "down"):
+        out[("layers", f"{n}_kernel")] = Tensor(lay + f"mlp.{n}_proj.weight", "linear")
+    if not cfg.tie_word_embeddings:
+        out[("lm_head",)] = Tensor("lm_head.weight", "linear")
+    return out
+
+
+def siglip_tensors(prefix: str = "vision_model.") -> dict[tuple, Tensor]:
+    """Our SigLIP param paths -> HF tensors."""
+    lay = f"{prefix}encoder.layers.{{i}}."
+    out = {("patch_kernel",): Tensor(f"{prefix}embeddings.patch_embedding.weight", "conv"),
+           ("patch_bias",): Tensor(f"{prefix}embeddings.patch_embedding.bias"),
+           ("pos_embed",): Tensor(f"{prefix}embeddings.position_embedding.weight"),
+           ("post_ln_scale",): Tensor(f"{prefix}post_layernorm.weight"),
+           ("post_ln_bias",): Tensor(f"{prefix}post_layernorm.bias"),
+           ("layers", "o_kernel"): Tensor(lay + "self_attn.out_proj.weight", "linear", 2),
+           ("layers", "o_bias"): Tensor(lay + "self_attn.out_proj.bias")}
+    for n in "qkv":
+        out[("layers", f"{n}_kernel")] = Tensor(lay + f"self_attn.{n}_proj.weight", "linear")
+        out[("layers", f"{n}_bias")] = Tensor(lay + f"self_attn.{n}_proj.bias", "flat")
+    for i in "12":
+        out[("layers", f"ln{i}_scale")] = Tensor(lay + f"layer_norm{i}.weight")
+        out[("layers", f"ln{i}_bias")] = Tensor(lay + f"layer_norm{i}.bias")
+        out[("layers", f"fc{i}_kernel")] = Tensor(lay + f"mlp.fc{i}.weight", "linear")
+        out[("layers", f"fc{i}_bias")] = Tensor(lay + f"mlp.fc{i}.bias")
+    return out
+
+
+def projector_tensors(kind: str, prefix: str = "") -> dict[tuple, Tensor]:
+    """Our projector param paths -> HF `layers.{i}.weight|bias` of the nn.Sequential."""
+    _, layout = projector_dims(kind, 1, 1)
+    out = {}
+    for idx, what, _, _ in layout:
+        w = "scale" if what == "ln" else "kernel"
+        out[(f"layer{idx}_{w}",)] = Tensor(f"{prefix}layers.{idx}.weight",
+                                           "same" if what == "ln" else "linear")
+        out[(f"layer{idx}_bias",)] = Tensor(f"{prefix}layers.{idx}.bias")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_layer(src: TensorDir, spec: Tensor, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One HF tensor, shape-checked and converted to our layout."""
+    if key not in src:
+        raise CheckpointError(f"tensor {key!r} missing in {src.folder}")
+    want = spec.hf_shape(shape)
+    got = src.shape(key)
+    if got != want:
+        raise CheckpointError(f"shape mismatch for {key!r} in {src.file_of(key)}: checkpoint has "
+                              f"{got}, the config expects {want}")
+    return spec.to_ours(src.get(key), shape)
+
+
+def _fill(abstract: nnx.Module, parts: list[tuple[tuple, TensorDir, dict]], mesh, rules,
+          dtype) -> nnx.Module:
+    """Materialise an abstract module's Params from checkpoint tensors, straight onto devices.
+
+    Each device shard is cut from one param's tensors (read once per param, one layer at a time),
+    so no full host copy of the model is made and no device gets more than its shard.
+    """
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    device = jax.devices()[0]
+    used: set[tuple] = set()
+    for root, src, specs in parts:
+        for sub, spec in specs.items():
+            path = (*root, *sub)
+            if path not in flat:
+                raise KeyError(f"model has no param {path}")
+            var = flat[path]
+            names = var.get_metadata().get("out_sharding")
+            stacked = bool(names) and names[0] == "layers"
+            if stacked:
+                layers = [_read_layer(src, spec, spec.key.format(i=i), var.shape[1:])
+                          for i in range(var.shape[0])]
+                host = np.stack(layers)
+            else:
+                host = _read_layer(src, spec, spec.key, var.shape)
+            host = host.astype(dtype)
+            sharding = (logical_sharding(names, var.shape, mesh, rules) if mesh is not None
+                        else jax.sharding.SingleDeviceSharding(device))
+            arr = jax.make_array_from_callback(var.shape, sharding, lambda idx, h=host: h[idx])
+            flat[path] = var.replace(arr)
+            used.add(path)
+    missing = [p for p in flat if p not in used and isinstance(flat[p], nnx.Param)]
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor for params {missing}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _unused(src: TensorDir, specs: dict, layers: int) -> list[str]:
+    expected = {s.key.format(i=i) for s in specs.values() for i in range(max(layers, 1))}
+    return sorted(k for k in src.keys() if k not in expected)
+
+
+def _llm_parts(folder: Path, cfg: Qwen2Config):
+    src = TensorDir(folder)
+    prefix = src.find_prefix("embed_tokens.weight")
+    specs = qwen2_tensors(cfg, prefix)
+    skip = [k for k in _unused(src, specs, cfg.num_layers) if k != "lm_head.weight"]
+    if skip:
+        log.warning("%s: ignoring %d unused tensors, e.g. %s", folder, len(skip), skip[:3])
+    return src, specs
+
+
+def _vision_parts(folder: Path, cfg: SiglipConfig):
+    src = TensorDir(folder)
+    prefix = src.find_prefix("embeddings.patch_embedding.weight")
+    specs = siglip_tensors(prefix)
+    skip = _unused(src, specs, cfg.num_layers)
+    if skip:
+        log.info("%s: not loading %d tensors (e.g. the unused head): %s", folder, len(skip),
+                 skip[:3])
+    return src, specs
+
+
+def _projector_parts(folder: Path, kind: str):
+    src = TensorDir(folder)
+    return src, projector_tensors(kind, src.find_prefix("layers.1.weight"))
+
+
+def _dtypes(dtype, param_dtype):
+    return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or jnp.float32))
+
+
+def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
+    """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config)."""
+    path = Path(path)
+    dt = _dtypes(dtype, param_dtype)
+    cfg = Qwen2Config.from_hf(read_json(path / "config.json"), remat=remat, **dt)
+    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    src, specs = _llm_parts(path, cfg)
+    return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
+
+
+def load_vision_tower(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None,
+                      remat=False):
+    """Load a plain HF SigLIP vision folder -> (SiglipVision, SiglipConfig)."""
+    path = Path(path)
+    dt = _dtypes(dtype, param_dtype)
+    cfg = SiglipConfig.from_hf(read_json(path / "config.json"), remat=remat, **dt)
+    model = nnx.eval_shape(lambda: SiglipVision(cfg, rngs=nnx.Rngs(0)))
+    src, specs = _vision_parts(path, cfg)
+    return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
+
+
+def _subfolder(path: Path, name: str) -> Path:
+    sub = path / name
+    if not sub.is_dir():
+        raise FileNotFoundError(f"VILA checkpoint {path} has no '{name}/' sub-folder (expected "
+                                f"llm/, vision_tower/ and mm_projector/)")
+    return sub
+
+
+def projector_type(path: Path) -> str:
+    """The mm_projector_type from mm_projector/config.json or the top-level mm_projector_cfg."""
+    sub = path / "mm_projector" / "config.json"
+    cfg = read_json(sub) if sub.is_file() else {}
+    top = read_json(path / "config.json").get("mm_projector_cfg") or {}
+    kind = cfg.get("mm_projector_type") or (top.get("mm_projector_type")
+                                            if isinstance(top, dict) else None)
+    if kind is None:
+        raise CheckpointError(f"{sub}: no mm_projector_type")
+    try:
+        projector_dims(kind, 1, 1)
+    except ValueError as e:
+        raise CheckpointError(f"{sub}: {e}") from None
+    return kind
+
+
+def load_tokenizer(folder, vocab_size: int | None = None):
+    """AutoTokenizer from `folder`, with the media tokens added when missing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    missing = [t for t in MEDIA_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise CheckpointError(f"tokenizer in {folder} has {len(tok)} tokens (with media tokens) "
+                              f"but the LLM embedding has only {vocab_size} rows")
+    return tok
+
+
+def newline_id(tokenizer) -> int:
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if len(ids) != 1:
+        raise CheckpointError(f"'\\n' is not a single token for this tokenizer: {ids}")
+    return ids[0]
+
+
+def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
+    """Load a VILA-layout checkpoint folder -> (VLM, tokenizer, VLMConfig).
+
+    `dtype` is the compute dtype, `param_dtype` the stored one (default float32). With a mesh,
+    every param is placed by its logical axis names (rules: `sharding.mesh.DEFAULT_RULES`).
+    """
+    path = Path(path)
+    top = read_json(path / "config.json")
+    if top.get("model_type") not in ("vila", "llava_llama", None):
+        raise CheckpointError(f"{path / 'config.json'}: model_type {top.get('model_type')!r} is "
+                              f"not a VILA checkpoint")
+    llm_dir, vis_dir, proj_dir = (_subfolder(path, n) for n in ("llm", "vision_tower",
+                                                                 "mm_projector"))
+    dt = _dtypes(dtype, param_dtype)
+    llm_cfg = Qwen2Config.from_hf(read_json(llm_dir / "config.json"), remat=remat, **dt)
+    vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat, **dt)
+    kind = projector_type(path)
+    has_tokenizer = any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = load_tokenizer(llm_dir, llm_cfg.vocab_size) if has_tokenizer else None
+    if tok is None:
+        log.warning("%s has no tokenizer; using token ids from config.json", llm_dir)
+    video_id = tok.convert_tokens_to_ids(VIDEO_TOKEN) if tok else top.get("video_token_id", -1)
+    nl_id = newline_id(tok) if tok else top.get("newline_token_id", 198)
+    cfg = VLMConfig(llm_cfg, vis_cfg, kind, video_token_id=int(video_id), newline_token_id=nl_id)
+    model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+    parts = [(("llm",), *_llm_parts(llm_dir, llm_cfg)),
+             (("vision",), *_vision_parts(vis_dir, vis_cfg)),
+             (("projector",), *_projector_parts(proj_dir, kind))]
+    return _fill(model, parts, mesh, rules, dt["param_dtype"]), tok, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _hf_tensors(module: nnx.Module, specs: dict, num_layers: int, save_dtype):
+    """(HF key, array) pairs for one component, in HF layout."""
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    for path, spec in specs.items():
+        arr = _host(flat[path].get_value())
+        if save_dtype is not None:
+            arr = arr.astype(save_dtype)
+        if "{i}" in spec.key:
+            for i in range(num_layers):
+                yield spec.key.format(i=i), spec.to_hf(arr[i])
+        else:
+            yield spec.key, spec.to_hf(arr)
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """SiglipImageProcessor settings of NVILA: resize to the tower's size, mean = std = 0.5."""
+    return {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": image_size, "width": image_size}, "resample": 3,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def save_hf(model: VLM, path, *, tokenizer=None, overwrite: bool = False, save_dtype=None):
+    """Write `model` as a VILA-layout checkpoint folder (safetensors, HF key names and configs).
+
+    The folder is built aside and moved into place at the end, so a failure never leaves a
+    half-written checkpoint. In multi-process runs every process must call it; process 0 writes.
+    """
+    cfg: VLMConfig = model.cfg
+    llm_hf, vis_hf = cfg.llm.to_hf(), cfg.vision.to_hf()
+    proj_hf = {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"],
+               "mm_projector_type": cfg.projector_type}
+    top = {"model_type": "vila", "architectures": ["LlavaLlamaModel"], "llm_cfg": llm_hf,
+           "vision_tower_cfg": vis_hf, "mm_projector_cfg": proj_hf,
+           "hidden_size": cfg.llm.hidden_size, "mm_hidden_size": cfg.vision.hidden_size,
+           "video_token_id": cfg.video_token_id, "newline_token_id": cfg.newline_token_id,
+           "mm_vision_select_layer": cfg.vision.feature_layer}
+    components = [
+        ("llm", llm_hf, _hf_tensors(model.llm, qwen2_tensors(cfg.llm), cfg.llm.num_layers,
+                                    save_dtype)),
+        ("vision_tower", vis_hf, _hf_tensors(model.vision, siglip_tensors(),
+                                             cfg.vision.num_layers, save_dtype)),
+        ("mm_projector", proj_hf, _hf_tensors(model.projector,
+                                              projector_tensors(cfg.projector_type), 0,
+                                              save_dtype)),
+    ]
+    tensors = [(name, hf, list(items)) for name, hf, items in components]  # all processes gather
+    if jax.process_index() != 0:
+        return Path(path)
+
+    def build(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(top, indent=2))
+        for name, hf, items in tensors:
+            sub = tmp / name
+            sub.mkdir()
+            (sub / "config.json").write_text(json.dumps(hf, indent=2))
+            write_tensors(sub, items)
+        (tmp / "vision_tower" / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(cfg.vision.image_size), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "llm"))
+
+    return replace_dir(build, path, overwrite=overwrite)

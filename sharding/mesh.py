@@ -1,0 +1,119 @@
+"""Device mesh from a config and the one table mapping logical axis names to mesh axes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "seq", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). One table for the project;
+# configs may override entries. 'layers' is the stacked-layer axis of scanned decoder weights.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "frames": "seq",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "cache_length": "seq",
+    "layers": None,
+}
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fill one -1 entry with the remaining devices; error when the product does not match."""
+    unknown = [k for k in shape if k not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; valid axes are {MESH_AXES}")
+    sizes = {ax: int(shape.get(ax, 1)) for ax in MESH_AXES}
+    free = [ax for ax, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {free} in {dict(shape)}")
+    bad = {ax: s for ax, s in sizes.items() if s == 0 or s < -1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {bad}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(shape)}: the fixed axes use {known} devices, which does not divide "
+                f"the {num_devices} available devices"
+            )
+        sizes[free[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh {dict(shape)} needs {known} devices but {num_devices} are available; "
+            f"set one axis to -1 to use the rest"
+        )
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, seq, tensor), Auto axis types; `shape` may hold one -1."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))
+    dims = tuple(sizes[ax] for ax in MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(dims))
+    return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(dims))
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for logical axis `names`.
+
+    With `shape` and `mesh`, a mesh axis that does not divide its dimension (e.g. 4 KV heads over
+    tensor=8), or that is already used by an earlier dimension, is dropped, so the dim is replicated
+    over it instead of failing.
+    """
+    if not names:
+        return PartitionSpec()
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for ax in axes:
+            if ax in used:
+                continue
+            if mesh is not None:
+                size = mesh.shape[ax]
+                if size == 1:
+                    continue
+                done = math.prod(mesh.shape[a] for a in kept)
+                if shape is not None and shape[i] % (done * size):
+                    continue
+            kept.append(ax)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def logical_sharding(names, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    """NamedSharding on `mesh` for an array of `shape` with logical axis `names`."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules=None):
+    """Map an nnx state of (abstract) Variables to NamedShardings from their `out_sharding` names."""
+    from flax import nnx
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding")
+        return logical_sharding(names, v.shape, mesh, rules)
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
