@@ -15,16 +15,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import tiny  # noqa: E402
-from lvr_jax.weights import hf, tiny as tiny_ckpt  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
+from configs import tiny
+from lvr_jax.weights import hf
+from lvr_jax.weights import tiny as tiny_ckpt
+from sharding.mesh import make_mesh
 
 
 def synthetic_clip(frames: int, size: int, seed: int = 0) -> np.ndarray:

@@ -105,8 +105,9 @@ def test_load_onto_mesh_is_sharded_and_equal(vila_dir):
     assert q.addressable_shards[0].data.shape == (2, 16, 2, 16)
     k = model.llm.layers.k_kernel.get_value()           # 2 KV heads over tensor=2 divide
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    want = base.llm.layers.q_kernel.get_value().astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(q, np.float32),
-                                  np.asarray(base.llm.layers.q_kernel.get_value().astype(jnp.bfloat16), np.float32))
+                                  np.asarray(want, np.float32))
 
 
 def _break(src, tmp_path, fn):

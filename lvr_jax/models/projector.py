@@ -61,11 +61,12 @@ class Projector(nnx.Module):
         x = merge_patches(features.astype(self.dtype), self.factor)
         linears = [idx for idx, what, _, _ in self.layout if what == "linear"]
         for idx, what, _, _ in self.layout:
-            get = lambda n: getattr(self, f"layer{idx}_{n}").get_value()  # noqa: E731
+            bias = getattr(self, f"layer{idx}_bias").get_value()
             if what == "ln":
-                x = layer_norm(x, get("scale"), get("bias"), 1e-5)
+                x = layer_norm(x, getattr(self, f"layer{idx}_scale").get_value(), bias, 1e-5)
             else:
-                x = x @ get("kernel").astype(self.dtype) + get("bias").astype(self.dtype)
+                kernel = getattr(self, f"layer{idx}_kernel").get_value()
+                x = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
                 if idx != linears[-1]:
                     x = jax.nn.gelu(x, approximate=False)
         return x

@@ -9,8 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvr_jax.models.attention import (apply_rope, dense_attention, param, rms_norm, rope_cos_sin,
-                                      scan_layers, values)
+from lvr_jax.models.attention import (
+    apply_rope,
+    dense_attention,
+    param,
+    rms_norm,
+    rope_cos_sin,
+    scan_layers,
+    values,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +45,7 @@ class Qwen2Config:
                              f"num_kv_heads={self.num_kv_heads}")
 
     @classmethod
-    def from_hf(cls, cfg: dict, **overrides) -> "Qwen2Config":
+    def from_hf(cls, cfg: dict, **overrides) -> Qwen2Config:
         """From a transformers Qwen2 config dict (4.x `rope_theta` or 5.x `rope_parameters`)."""
         theta = cfg.get("rope_theta")
         if theta is None:
@@ -80,7 +87,7 @@ class Qwen2Layers(nnx.Module):
     def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
         n, e, h, kv, d, m = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                              cfg.head_dim, cfg.intermediate_size)
-        p = lambda shape, names, **kw: param(rngs, (n, *shape), ("layers", *names),  # noqa: E731
+        p = lambda shape, names, **kw: param(rngs, (n, *shape), ("layers", *names),
                                              dtype=cfg.param_dtype, **kw)
         self.input_norm = p((e,), ("embed",), init="ones")
         self.q_kernel = p((e, h, d), ("embed", "heads", "head_dim"))
@@ -98,7 +105,7 @@ class Qwen2Layers(nnx.Module):
 
 def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend):
     """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
-    c = lambda name: p[name].astype(cfg.dtype)  # noqa: E731
+    c = lambda name: p[name].astype(cfg.dtype)
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("ble,ehd->blhd", h, c("q_kernel")) + c("q_bias")
     k = jnp.einsum("ble,ehd->blhd", h, c("k_kernel")) + c("k_bias")
@@ -137,15 +144,22 @@ class Qwen2(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def __call__(self, input_embeds: jax.Array, positions: jax.Array, *,
-                 segment_ids: jax.Array | None = None, attention_fn=None,
-                 return_hidden: bool = False, return_kv: bool = False):
+                 segment_ids: jax.Array | None = None, attention_fn=None, mesh=None,
+                 seq_axis: str = "seq", return_hidden: bool = False, return_kv: bool = False):
         """Logits [B, L, V] for input embeddings [B, L, E] at integer positions [B, L].
 
         `segment_ids` [B, L]: tokens attend within equal ids; ids < 0 are padding.
-        `attention_fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` replaces dense attention (e.g. ring
-        attention inside a shard_map). With `return_kv`, also returns per-layer (k, v), each
-        [layers, B, L, KVH, D]; with `return_hidden`, the final hidden states instead of logits.
+        `mesh` with `seq_axis` > 1: sequence-parallel prefill (pad, zigzag, shard over the axis,
+        ring attention, restore); the result equals the unsharded forward.
+        `attention_fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` replaces dense attention.
+        With `return_kv`, also returns per-layer (k, v), each [layers, B, L, KVH, D]; with
+        `return_hidden`, the final hidden states instead of logits.
         """
+        if mesh is not None and mesh.shape.get(seq_axis, 1) > 1:
+            from sharding.sequence_parallel import sequence_parallel_call
+            return sequence_parallel_call(self, input_embeds, positions, segment_ids, mesh,
+                                          seq_axis, return_hidden=return_hidden,
+                                          return_kv=return_kv)
         cfg = self.cfg
         attention_fn = attention_fn or dense_attention
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)

@@ -45,7 +45,7 @@ class SiglipConfig:
         return self.feature_layer % (self.num_layers + 1)
 
     @classmethod
-    def from_hf(cls, cfg: dict, **overrides) -> "SiglipConfig":
+    def from_hf(cls, cfg: dict, **overrides) -> SiglipConfig:
         """From a SiglipVisionConfig dict, or a SiglipConfig dict holding `vision_config`."""
         cfg = cfg.get("vision_config", cfg)
         kw = dict(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
@@ -80,7 +80,7 @@ class SiglipLayers(nnx.Module):
     def __init__(self, cfg: SiglipConfig, rngs: nnx.Rngs):
         n, e, h, m = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
         d = e // h
-        p = lambda shape, names, **kw: param(rngs, (n, *shape), ("layers", *names),  # noqa: E731
+        p = lambda shape, names, **kw: param(rngs, (n, *shape), ("layers", *names),
                                              dtype=cfg.param_dtype, **kw)
         self.ln1_scale, self.ln1_bias = p((e,), ("embed",), init="ones"), p((e,), ("embed",), init="zeros")
         for name in "qkv":
@@ -95,7 +95,7 @@ class SiglipLayers(nnx.Module):
 
 def encoder_layer(cfg: SiglipConfig, p: dict, x):
     """One pre-norm ViT layer (bidirectional attention, tanh-GELU MLP)."""
-    c = lambda name: p[name].astype(cfg.dtype)  # noqa: E731
+    c = lambda name: p[name].astype(cfg.dtype)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.layer_norm_eps)
     q = jnp.einsum("ble,ehd->blhd", h, c("q_kernel")) + c("q_bias")
     k = jnp.einsum("ble,ehd->blhd", h, c("k_kernel")) + c("k_bias")

@@ -98,3 +98,10 @@ def vlm_config_from(model_cfg) -> VLMConfig:
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),
         newline_token_id=int(model_cfg["newline_token_id"]))
+
+
+def init_vlm(cfg: VLMConfig, seed: int = 0) -> VLM:
+    """A randomly initialised VLM, built in one compiled call (eager init compiles per shape)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.split(VLM(cfg, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graphdef, state)

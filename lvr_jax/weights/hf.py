@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lvr_jax.models.projector import Projector, projector_dims
+from lvr_jax.models.projector import projector_dims
 from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from lvr_jax.models.vlm import VLM, VLMConfig

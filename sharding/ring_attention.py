@@ -1,0 +1,453 @@
+"""Ring attention over a mesh axis (MR-SP stage 2), load balanced for causal masks by zigzag.
+
+Layout: every device holds a slice of the sequence (in zigzag order, see
+:mod:`sharding.sequence_parallel`): its queries and its keys/values. The K/V blocks, with their
+global positions and segment ids, travel around the ring with ``jax.lax.ppermute`` while each
+device folds them into an online softmax (running max / sum, float32). Masks come only from global
+positions and segment ids, so any token permutation works; blocks that are fully masked are skipped
+with ``jax.lax.cond`` per (query chunk, key chunk) sub-block, which under zigzag gives every device
+the same ``2n + 1`` of ``4n`` sub-blocks for a causal mask.
+
+Masking semantics (shared by :func:`dense_attention`): query ``i`` attends key ``j`` iff
+``seg_k[j] >= 0`` and ``seg_q[i] == seg_k[j]`` and (if causal) ``pos_k[j] <= pos_q[i]``. A
+negative segment id marks padding. A query with no key to attend outputs exactly 0.
+
+GQA: ``q`` has ``H`` heads and ``k``/``v`` have ``KVH`` heads with ``H % KVH == 0``; query head
+``h`` uses kv head ``h // (H // KVH)`` (the HF ``repeat_kv`` convention). K/V are never repeated
+in memory: q is viewed as ``[B, L, KVH, H // KVH, D]``.
+
+Gradients: a ``jax.custom_vjp``. The forward saves only q, k, v, the output and the per-row
+log-sum-exp; the backward recomputes the probabilities block by block in a second ring pass, where
+the dK/dV accumulators travel with their K/V block and arrive home after ``n`` hops. Memory is
+O(local length) per device, not O(local length x global length) as plain autodiff of the loop
+would be.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lvr_jax.models import attention
+from sharding.sequence_parallel import (
+    pad_sequence,
+    padded_length,
+    unzigzag,
+    zigzag,
+    zigzag_positions,
+)
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _mask(q_pos, q_seg, kv_pos, kv_seg, causal: bool):
+    """Boolean mask ``[B, 1, 1, Lq, Lk]`` (broadcasts over kv heads and groups)."""
+    m = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] >= 0)
+    if causal:
+        m = m & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    return m[:, None, None]
+
+
+def _block_live(q_pos, q_seg, kv_pos, kv_seg, causal: bool):
+    """Scalar bool: may any (query, key) pair of this block be unmasked? (conservative)."""
+    hi_p = jnp.iinfo(q_pos.dtype).max
+    hi_s = jnp.iinfo(q_seg.dtype).max
+    qv, kv = q_seg >= 0, kv_seg >= 0
+    live = qv.any(1) & kv.any(1)
+    q_smin = jnp.where(qv, q_seg, hi_s).min(1)
+    q_smax = jnp.where(qv, q_seg, -1).max(1)
+    k_smin = jnp.where(kv, kv_seg, hi_s).min(1)
+    k_smax = jnp.where(kv, kv_seg, -1).max(1)
+    live = live & (q_smin <= k_smax) & (k_smin <= q_smax)
+    if causal:
+        k_pmin = jnp.where(kv, kv_pos, hi_p).min(1)
+        q_pmax = jnp.where(qv, q_pos, -hi_p).max(1)
+        live = live & (k_pmin <= q_pmax)
+    return live.any()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _group(q, kv_heads: int):
+    """``[B, L, H, D] -> [B, L, KVH, H // KVH, D]``."""
+    b, l, h, d = q.shape
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
+    return q.reshape(b, l, kv_heads, h // kv_heads, d)
+
+
+def _chunks(x, n: int, axis: int = 1):
+    return list(jnp.split(x, n, axis=axis)) if n > 1 else [x]
+
+
+def _varying_axes(x) -> frozenset:
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(t, "vma", ()))
+
+
+def _match_vma(tree, *refs):
+    """pcast every leaf of ``tree`` to vary over the union of the axes the ``refs`` vary over.
+
+    Needed for loop / cond carries built from constants inside a ``shard_map`` with check_vma.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in refs))
+
+    def one(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
+def _ring_perm(n: int):
+    return [(j, (j + 1) % n) for j in range(n)]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_block(state, q, k, v, mask, scale):
+    """Fold one (query chunk, key chunk) block into the online-softmax state."""
+    m, l, acc = state  # m, l: [B, KVH, G, Cq]; acc: [B, KVH, G, Cq, D]; float32
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+    alpha = jnp.exp(m - m_safe)  # m == -inf -> 0
+    l = alpha * l + p.sum(-1)
+    pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=F32)
+    acc = acc * alpha[..., None] + pv
+    return m_new, l, acc
+
+
+def _num_chunks(length: int) -> int:
+    return 2 if length % 2 == 0 and length >= 2 else 1
+
+
+def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
+    """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``."""
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    n = jax.lax.axis_size(axis_name)
+    nq, nk = _num_chunks(lq), _num_chunks(k.shape[1])
+    qg = _group(q, kvh)
+    g = qg.shape[3]
+    q_c, qp_c, qs_c = _chunks(qg, nq), _chunks(q_pos, nq), _chunks(q_seg, nq)
+    cq = lq // nq
+
+    state0 = [
+        (
+            jnp.full((b, kvh, g, cq), -jnp.inf, F32),
+            jnp.zeros((b, kvh, g, cq), F32),
+            jnp.zeros((b, kvh, g, cq, d), F32),
+        )
+        for _ in range(nq)
+    ]
+    count0 = jnp.zeros((), jnp.int32)
+    state0, count0 = _match_vma((state0, count0), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+    def step(state, count, kvb):
+        kb, vb, kpb, ksb = kvb
+        k_c, v_c = _chunks(kb, nk), _chunks(vb, nk)
+        kp_c, ks_c = _chunks(kpb, nk), _chunks(ksb, nk)
+        new_state = []
+        for a in range(nq):
+            st = state[a]
+            for c in range(nk):
+                live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
+                mask = _mask(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
+                st = jax.lax.cond(
+                    live,
+                    functools.partial(_fwd_block, q=q_c[a], k=k_c[c], v=v_c[c], mask=mask,
+                                      scale=scale),
+                    lambda s: s,
+                    st,
+                )
+                count = count + live.astype(jnp.int32)
+            new_state.append(st)
+        return new_state, count
+
+    def body(_, carry):
+        state, count, kvb = carry
+        nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))
+        state, count = step(state, count, kvb)
+        return state, count, nxt
+
+    kvb = (k, v, kv_pos, kv_seg)
+    state, count, kvb = jax.lax.fori_loop(0, n - 1, body, (state0, count0, kvb))
+    state, count = step(state, count, kvb)
+
+    outs, lses = [], []
+    for m, l, acc in state:
+        ok = l > 0
+        o = acc / jnp.where(ok, l, 1.0)[..., None]  # rows with no key: acc == 0 -> 0
+        outs.append(o.transpose(0, 3, 1, 2, 4))  # [B, Cq, KVH, G, D]
+        lses.append(jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0))
+    out = jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
+    lse = jnp.concatenate(lses, axis=-1)
+    return out, lse, count
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _bwd_block(acc, q, k, v, do, lse, delta, mask, scale):
+    """Gradient contributions of one block; ``acc = (dq_a, dk_c, dv_c)`` in float32."""
+    dq, dk, dv = acc
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do.dtype), do, preferred_element_type=F32)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, v, preferred_element_type=F32)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), k, preferred_element_type=F32)
+    dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), q, preferred_element_type=F32)
+    return dq, dk, dv
+
+
+def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_name, causal,
+                   scale):
+    b, lq, _, d = q.shape
+    lk, kvh = k.shape[1], k.shape[2]
+    n = jax.lax.axis_size(axis_name)
+    nq, nk = _num_chunks(lq), _num_chunks(lk)
+    qg, dog = _group(q, kvh), _group(dout.astype(q.dtype), kvh)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32), _group(out, kvh).astype(F32))
+    q_c, do_c = _chunks(qg, nq), _chunks(dog, nq)
+    qp_c, qs_c = _chunks(q_pos, nq), _chunks(q_seg, nq)
+    lse_c, delta_c = _chunks(lse, nq, axis=3), _chunks(delta, nq, axis=3)
+
+    refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout)
+    dq0 = _match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
+    dkv0 = _match_vma(
+        ([jnp.zeros((b, lk // nk, kvh, d), F32) for _ in range(nk)],
+         [jnp.zeros((b, lk // nk, kvh, d), F32) for _ in range(nk)]),
+        *refs,
+    )
+
+    def step(dq, dkv, kvb):
+        kb, vb, kpb, ksb = kvb
+        k_c, v_c = _chunks(kb, nk), _chunks(vb, nk)
+        kp_c, ks_c = _chunks(kpb, nk), _chunks(ksb, nk)
+        dq, (dk, dv) = list(dq), (list(dkv[0]), list(dkv[1]))
+        for a in range(nq):
+            for c in range(nk):
+                live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
+                mask = _mask(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
+                dq[a], dk[c], dv[c] = jax.lax.cond(
+                    live,
+                    functools.partial(_bwd_block, q=q_c[a], k=k_c[c], v=v_c[c], do=do_c[a],
+                                      lse=lse_c[a], delta=delta_c[a], mask=mask, scale=scale),
+                    lambda s: s,
+                    (dq[a], dk[c], dv[c]),
+                )
+        return dq, (dk, dv)
+
+    def body(_, carry):
+        dq, kvb, dkv = carry
+        dq, dkv = step(dq, dkv, kvb)
+        kvb, dkv = jax.lax.ppermute((kvb, dkv), axis_name, _ring_perm(n))
+        return dq, kvb, dkv
+
+    kvb = (k, v, kv_pos, kv_seg)
+    dq, kvb, dkv = jax.lax.fori_loop(0, n - 1, body, (dq0, kvb, dkv0))
+    dq, dkv = step(dq, dkv, kvb)
+    if n > 1:  # one more hop brings each dK/dV block back to the device that owns it
+        dkv = jax.lax.ppermute(dkv, axis_name, _ring_perm(n))
+    dq = jnp.concatenate(dq, axis=1).reshape(q.shape).astype(q.dtype)
+    dk = jnp.concatenate(dkv[0], axis=1).astype(k.dtype)
+    dv = jnp.concatenate(dkv[1], axis=1).astype(v.dtype)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
+    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale)[0]
+
+
+def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
+    out, lse, _ = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale)
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(axis_name, causal, scale, res, dout):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    dq, dk, dv = _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout,
+                                axis_name, causal, scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B,L,H,D], k = v [B,L,KVH,D]; got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
+    if q_pos.shape != q.shape[:2] or q_seg.shape != q.shape[:2]:
+        raise ValueError(f"q_pos/q_seg must be {q.shape[:2]}, got {q_pos.shape}, {q_seg.shape}")
+    if kv_pos.shape != k.shape[:2] or kv_seg.shape != k.shape[:2]:
+        raise ValueError(f"kv_pos/kv_seg must be {k.shape[:2]}, got {kv_pos.shape}, {kv_seg.shape}")
+
+
+def _ints(*xs):
+    return tuple(jnp.asarray(x).astype(jnp.int32) for x in xs)
+
+
+def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
+                         scale=None):
+    """Ring attention on this device's shard; call inside a ``shard_map`` over ``axis_name``.
+
+    Args:
+      q: local queries ``[B, Lq, H, D]``.
+      k, v: local keys / values ``[B, Lk, KVH, D]``, ``H % KVH == 0`` (GQA, not repeated).
+      q_pos, kv_pos: int ``[B, Lq]`` / ``[B, Lk]`` GLOBAL positions of the local tokens.
+      q_seg, kv_seg: int ``[B, Lq]`` / ``[B, Lk]`` segment ids; < 0 marks padding.
+      axis_name: the mesh axis the sequence is sharded over (the ring).
+      causal: also require ``kv_pos <= q_pos``.
+      scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns ``[B, Lq, H, D]`` in q's dtype; rows with no key to attend are 0. Differentiable in
+    q, k, v (custom VJP with a second ring pass). Each local block is split into 2 chunks (when its
+    length is even) and every (query chunk, key chunk) pair that is fully masked is skipped.
+    """
+    _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
+    return _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale)
+
+
+def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
+                               scale=None):
+    """Forward only, for tests / benchmarks: ``(out, lse [B, KVH, G, Lq], computed_blocks)``.
+
+    ``computed_blocks`` (int32 scalar, per device) counts the (query chunk, key chunk) sub-blocks
+    that were not skipped, out of ``n_devices * 2 * 2`` (for even local lengths).
+    """
+    _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
+    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _batch_axes(mesh: Mesh, batch: int, exclude: str):
+    axes, prod = [], 1
+    for ax in ("data", "fsdp"):
+        if ax == exclude or ax not in mesh.shape:
+            continue
+        size = mesh.shape[ax]
+        if size > 1 and batch % (prod * size) == 0:
+            axes.append(ax)
+            prod *= size
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _head_axis(mesh: Mesh, heads: int, kv_heads: int, exclude: str):
+    ax = "tensor"
+    if ax == exclude or ax not in mesh.shape or mesh.shape[ax] == 1:
+        return None
+    t = mesh.shape[ax]
+    return ax if heads % t == 0 and kv_heads % t == 0 else None
+
+
+def ring_attention_fn(mesh: Mesh, axis: str = "seq", *, causal: bool = True):
+    """An `attention_fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` for `Qwen2.__call__` that runs
+    the ring over `axis` on global arrays whose length is already padded and zigzag-ordered.
+
+    The batch is sharded over 'data' (and 'fsdp') when it divides, heads over 'tensor' when both
+    head counts divide; everything else of the model stays under the compiler's sharding.
+    """
+    def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        b, _, h, _ = q.shape
+        if q_seg is None:
+            q_seg = kv_seg = jnp.zeros(q.shape[:2], jnp.int32)
+        bax = _batch_axes(mesh, b, axis)
+        hax = _head_axis(mesh, h, k.shape[2], axis)
+        xspec, tspec = P(bax, axis, hax, None), P(bax, axis)
+        fn = jax.shard_map(
+            functools.partial(ring_attention_local, axis_name=axis, causal=causal),
+            mesh=mesh,
+            in_specs=(xspec, xspec, xspec, tspec, tspec, tspec, tspec),
+            out_specs=xspec,
+        )
+        return fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+    return attend
+
+
+def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = True,
+                   segment_ids=None):
+    """Self-attention with the sequence sharded over ``mesh`` axis ``axis`` (a ring).
+
+    Args:
+      q: ``[batch, length, heads, head_dim]`` in global (unpermuted) order.
+      k, v: ``[batch, length, kv_heads, head_dim]``, ``heads % kv_heads == 0``.
+      mesh: the device mesh; ``axis`` is the ring axis. The batch is also sharded over 'data'
+        (and 'fsdp') when it divides, and heads over 'tensor' when both head counts divide.
+      causal: causal mask from global positions.
+      segment_ids: optional int ``[batch, length]`` (or ``[length]``); attention stays within
+        equal ids; negative ids are padding (attend to nothing, are attended by nothing).
+
+    Any length works: the sequence is padded to a multiple of ``2 * mesh.shape[axis]`` (padding
+    gets segment -1), zigzag-reordered, attended, and restored. Equals :func:`dense_attention`.
+    """
+    b, length, h, _ = q.shape
+    if k.shape[:2] != (b, length) or v.shape != k.shape:
+        raise ValueError(f"self-attention needs matching q {q.shape}, k {k.shape}, v {v.shape}")
+    n = mesh.shape[axis]
+    lp = padded_length(length, n)
+    if segment_ids is None:
+        seg = jnp.zeros((b, length), jnp.int32)
+    else:
+        seg = jnp.broadcast_to(jnp.asarray(segment_ids).astype(jnp.int32), (b, length))
+    q, k, v = (pad_sequence(x, lp) for x in (q, k, v))
+    seg = pad_sequence(seg, lp, value=-1)
+    q, k, v, seg = (zigzag(x, n) for x in (q, k, v, seg))
+    pos = zigzag_positions(lp, n, b)
+    out = ring_attention_fn(mesh, axis, causal=causal)(q, k, v, pos, pos, seg, seg)
+    return unzigzag(out, n)[:, :length]
+
+
+def dense_attention(q, k, v, *, causal=True, segment_ids=None, q_pos=None, kv_pos=None,
+                    scale=None):
+    """Reference attention with the same masking semantics as the ring (float32 softmax).
+
+    ``q [B, Lq, H, D]``, ``k``/``v [B, Lk, KVH, D]`` (GQA by grouping). ``segment_ids`` is None,
+    one int ``[B, L]`` array (self-attention, Lq == Lk) or a pair ``(q_seg, kv_seg)``; ``q_pos`` /
+    ``kv_pos`` default to ``arange``. Rows with no key to attend output 0. Output in q's dtype.
+    Keyword front end of :func:`lvr_jax.models.attention.dense_attention`.
+    """
+    b, lq = q.shape[:2]
+    lk = k.shape[1]
+    q_pos = jnp.broadcast_to(jnp.arange(lq) if q_pos is None else jnp.asarray(q_pos), (b, lq))
+    kv_pos = jnp.broadcast_to(jnp.arange(lk) if kv_pos is None else jnp.asarray(kv_pos), (b, lk))
+    q_seg = kv_seg = None
+    if isinstance(segment_ids, (tuple, list)):
+        q_seg, kv_seg = segment_ids
+    elif segment_ids is not None:
+        q_seg = kv_seg = segment_ids
+    if q_seg is not None:
+        q_seg = jnp.broadcast_to(jnp.asarray(q_seg), (b, lq))
+        kv_seg = jnp.broadcast_to(jnp.asarray(kv_seg), (b, lk))
+    return attention.dense_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
+                                     scale=scale)
