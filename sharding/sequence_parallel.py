@@ -89,19 +89,17 @@ def zigzag_positions(length: int, num_shards: int, batch: int | None = None):
     return pos if batch is None else jnp.broadcast_to(pos, (batch, length))
 
 
-def sequence_parallel_call(model, input_embeds, positions, segment_ids, mesh, axis: str = "seq",
-                           **kwargs):
-    """Run `model(input_embeds, positions, ...)` (a Qwen2) with the sequence sharded over `axis`.
+def shard_sequence(mesh, axis: str, input_embeds, positions, segment_ids=None):
+    """Pad to a multiple of 2n (padding: segment -1), zigzag-reorder and constrain the sequence
+    to be sharded over `axis` (batch over data/fsdp when it divides).
 
-    The prompt is padded to a multiple of 2n (padding: segment -1), put in zigzag order and
-    constrained to be sharded over `axis`; every layer's attention is the ring
-    (`ring_attention_fn`), all other ops stay per token. Outputs (logits or hidden states, and
-    per-layer K/V when asked) come back in global order, padding dropped.
+    Returns `(x, pos, seg, where)`: the permuted arrays and `where[i]`, the permuted index of
+    original token i (so `x[:, where]` is the original order).
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sharding.ring_attention import _batch_axes, ring_attention_fn
+    from sharding.ring_attention import _batch_axes
 
     n = mesh.shape[axis]
     b, length = input_embeds.shape[:2]
@@ -112,9 +110,24 @@ def sequence_parallel_call(model, input_embeds, positions, segment_ids, mesh, ax
     seg = zigzag(pad_sequence(seg.astype(jnp.int32), lp, value=-1), n)
     spec = PartitionSpec(_batch_axes(mesh, b, axis), axis)
     x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x, pos, seg, unzigzag_indices(lp, n)[:length]
+
+
+def sequence_parallel_call(model, input_embeds, positions, segment_ids, mesh, axis: str = "seq",
+                           **kwargs):
+    """Run `model(input_embeds, positions, ...)` (a Qwen2) with the sequence sharded over `axis`.
+
+    The prompt goes through `shard_sequence`; every layer's attention is the ring
+    (`ring_attention_fn`), all other ops stay per token. Outputs (logits or hidden states, and
+    per-layer K/V when asked) come back in global order, padding dropped.
+    """
+    import jax
+
+    from sharding.ring_attention import ring_attention_fn
+
+    x, pos, seg, where = shard_sequence(mesh, axis, input_embeds, positions, segment_ids)
     out = model(x, pos, segment_ids=seg, attention_fn=ring_attention_fn(mesh, axis), **kwargs)
     if kwargs.get("return_kv"):
         out, kv = out
-        kv = jax.tree.map(lambda a: unzigzag(a, n, axis=2)[:, :, :length], kv)
-        return unzigzag(out, n)[:, :length], kv
-    return unzigzag(out, n)[:, :length]
+        return out[:, where], jax.tree.map(lambda a: a[:, :, where], kv)
+    return out[:, where]

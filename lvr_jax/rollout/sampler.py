@@ -1,0 +1,312 @@
+"""Jitted KV-cache sampler: one prefill per prompt, G branches decoding against a shared prefix.
+
+Data flow (DESIGN.md, MR-SP point 3):
+  * prefill: the B prompts (left padded; positions from the mask; padding = segment -1) run once
+    through the LLM, under `seq` sharding with the zigzag ring when the mesh has seq > 1. The
+    per-layer K/V of the prompts stay as they are, in zigzag order and sharded over `seq`: the
+    prefix cache [layers, B, Lp, KVH, D].
+  * decode: G branches per prompt. Each step's attention merges by log-sum-exp (a) the query
+    against the local prefix shard, combined over `seq` with pmax / psum of (max, sum, weighted
+    values) and (b) the query against the branch's own response cache [layers, B, G, T, KVH, D].
+  * a `lax.while_loop` over steps with the state as a donated argument; per-step keys
+    fold_in(fold_in(seed, row), step) with row = b * G + g, so sharing the prefix or repeating
+    prompts draws the same samples.
+Returned logprobs are log-softmax(logits / temperature) of the chosen tokens (the distribution
+before top-k / top-p filtering, as verl computes old log-probs); 0 after a branch stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lvr_jax.models.attention import dense_attention, rope_cos_sin, values
+from lvr_jax.models.qwen2 import LAYER_PARAMS, decoder_layer
+from sharding.ring_attention import ring_attention_fn
+from sharding.sequence_parallel import shard_sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0     # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0               # 0 = off
+    num_samples: int = 1         # G branches per prompt
+
+
+class Prefix(NamedTuple):
+    """The shared prompt cache: K/V [layers, B, Lp, KVH, D] (zigzag order under seq sharding),
+    validity [B, Lp], real prompt lengths [B], and the last prompt position's logits [B, V]."""
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    logits: jax.Array
+
+
+class DecodeState(NamedTuple):
+    """Loop state (donated): response caches [layers, B, G, T, KVH, D], tokens / logprobs
+    [B, G, T], done flags and lengths [B, G], current step and next-token logits [B, G, V]."""
+    step: jax.Array
+    k: jax.Array
+    v: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    logits: jax.Array
+
+
+def left_pad(prompts, multiple: int = 1, pad_value=0):
+    """Left-pad a list of [L_i, ...] arrays to a common length (a multiple of `multiple`).
+    Returns (padded [B, Lp, ...], mask [B, Lp])."""
+    longest = max(int(p.shape[0]) for p in prompts)
+    lp = -(-longest // multiple) * multiple
+    out, mask = [], np.zeros((len(prompts), lp), bool)
+    for i, p in enumerate(prompts):
+        p = jnp.asarray(p)
+        pad = [(lp - p.shape[0], 0)] + [(0, 0)] * (p.ndim - 1)
+        out.append(jnp.pad(p, pad, constant_values=pad_value))
+        mask[i, lp - p.shape[0]:] = True
+    return jnp.stack(out), jnp.asarray(mask)
+
+
+def prefill(llm, embeds, mask, *, mesh=None, axis: str = "seq") -> Prefix:
+    """Run the prompts [B, Lp, E] (left padded, mask [B, Lp]) once; keep their K/V as the prefix."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    seg = jnp.where(mask, 0, -1).astype(jnp.int32)
+    if mesh is not None and mesh.shape.get(axis, 1) > 1:
+        x, pos, seg, where = shard_sequence(mesh, axis, embeds, positions, seg)
+        attention_fn = ring_attention_fn(mesh, axis)
+        last = int(where[-1])
+    else:
+        x, pos, attention_fn, last = embeds, positions, dense_attention, embeds.shape[1] - 1
+    hidden, (k, v) = llm(x, pos, segment_ids=seg, attention_fn=attention_fn, return_hidden=True,
+                         return_kv=True)
+    logits = llm.head(hidden[:, last:last + 1])[:, 0]
+    return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
+
+
+def _prefix_stats(q, k, v, valid, scale, axis):
+    """Softmax partials of q [B, G, KVH, Hg, D] against the prefix shard k, v [B, S, KVH, D];
+    combined over `axis` (if not None) with pmax / psum. Returns (m, l, o) in float32."""
+    s = jnp.einsum("bgkhd,bskd->bgkhs", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    if axis is not None:
+        m = jax.lax.pmax(m, axis)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    l_sum = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bgkhs,bskd->bgkhd", p, v.astype(jnp.float32))
+    if axis is not None:
+        l_sum, o = jax.lax.psum((l_sum, o), axis)
+    return m, l_sum, o
+
+
+def _branch_attention(q, k_new, v_new, prefix_k, prefix_v, valid, cache_k, cache_v, step, mesh,
+                      axis):
+    """Attention of the new token of every branch: prefix (sharded) + own cache + itself."""
+    b, g, h, d = q.shape
+    kvh = k_new.shape[-2]
+    qg = q.reshape(b, g, kvh, h // kvh, d)
+    scale = d ** -0.5
+    if mesh is not None and mesh.shape.get(axis, 1) > 1:
+        stats = jax.shard_map(
+            functools.partial(_prefix_stats, scale=scale, axis=axis), mesh=mesh,
+            in_specs=(P(), P(None, axis), P(None, axis), P(None, axis)), out_specs=P(),
+            axis_names={axis}, check_vma=False)
+        m1, l1, o1 = stats(qg, prefix_k, prefix_v, valid)
+    else:
+        m1, l1, o1 = _prefix_stats(qg, prefix_k, prefix_v, valid, scale, None)
+    # own response: cached steps < step, plus the new token itself
+    keys = jnp.concatenate([cache_k, k_new[:, :, None]], axis=2)        # [B, G, T+1, KVH, D]
+    vals = jnp.concatenate([cache_v, v_new[:, :, None]], axis=2)
+    t_idx = jnp.arange(keys.shape[2])
+    own = (t_idx < step) | (t_idx == keys.shape[2] - 1)
+    s2 = jnp.einsum("bgkhd,bgtkd->bgkht", qg, keys, preferred_element_type=jnp.float32) * scale
+    s2 = jnp.where(own, s2, -jnp.inf)
+    m2 = jnp.max(s2, axis=-1)
+    m = jnp.maximum(m1, m2)
+    w1 = jnp.exp(jnp.where(jnp.isfinite(m1), m1 - m, -jnp.inf))
+    p2 = jnp.exp(s2 - m[..., None])
+    denom = l1 * w1 + jnp.sum(p2, axis=-1)
+    num = o1 * w1[..., None] + jnp.einsum("bgkht,bgtkd->bgkhd", p2, vals.astype(jnp.float32))
+    return (num / denom[..., None]).reshape(b, g, h, d).astype(q.dtype)
+
+
+def decode_step(llm, prefix: Prefix, state: DecodeState, token, *, mesh=None, axis="seq"):
+    """Feed `token` [B, G] at `state.step`; returns (next logits [B, G, V], new k, v caches)."""
+    cfg = llm.cfg
+    b, g = token.shape
+    x = llm.embed_tokens(token.reshape(b * g, 1))                       # [BG, 1, E]
+    pos = (prefix.lengths[:, None] + state.step).repeat(g, axis=1).reshape(b * g, 1)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+
+    def layer(x, xs):
+        p, pk, pv, ck, cv = xs
+        out = {}
+
+        def attend(q, k, v):
+            out["k"], out["v"] = k.reshape(b, g, *k.shape[2:]), v.reshape(b, g, *v.shape[2:])
+            o = _branch_attention(q.reshape(b, g, *q.shape[2:]), out["k"], out["v"], pk, pv,
+                                  prefix.valid, ck, cv, state.step, mesh, axis)
+            return o.reshape(b * g, 1, *o.shape[2:])
+
+        x, _ = decoder_layer(cfg, p, x, cos, sin, attend)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, out["k"][:, :, None].astype(ck.dtype),
+                                                 state.step, axis=2)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, out["v"][:, :, None].astype(cv.dtype),
+                                                 state.step, axis=2)
+        return x, (ck, cv)
+
+    stacked = values(llm.layers, LAYER_PARAMS)
+    x, (k, v) = jax.lax.scan(layer, x, (stacked, prefix.k, prefix.v, state.k, state.v))
+    logits = llm.head(x).reshape(b, g, -1)
+    return logits, k, v
+
+
+def filter_logits(logits, temperature: float, top_k: int, top_p: float):
+    """Scaled logits with everything outside top-k / the top-p nucleus set to -inf."""
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(order, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs                    # mass of better tokens
+        cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def choose(logits, keys, params: SamplingParams):
+    """Sample (or argmax) one token per row; returns (tokens, logprobs of the scaled dist)."""
+    if params.temperature == 0:
+        tok = jnp.argmax(logits, axis=-1)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p)
+        tok = jax.vmap(jax.random.categorical)(keys, filtered.reshape(-1, logits.shape[-1]))
+        tok = tok.reshape(logits.shape[:-1])
+        lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
+    return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[..., None], axis=-1)[..., 0]
+
+
+def _stopped(tokens, step, stop_seqs):
+    """[B, G] bool: does the response end (at `step`) with one of the stop token sequences?"""
+    hit = jnp.zeros(tokens.shape[:2], bool)
+    for seq in stop_seqs:
+        n = len(seq)
+        idx = step - n + 1 + jnp.arange(n)
+        got = jnp.take(tokens, jnp.clip(idx, 0, tokens.shape[2] - 1), axis=2)
+        hit |= (step + 1 >= n) & jnp.all(got == jnp.asarray(seq), axis=-1)
+    return hit
+
+
+def decode(llm, prefix: Prefix, state: DecodeState, row_keys, params: SamplingParams, eos_ids,
+           stop_seqs, pad_id: int, *, mesh=None, axis="seq") -> DecodeState:
+    """While-loop decode until every branch stopped or max_new_tokens."""
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def cond(s):
+        return (s.step < params.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s):
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(row_keys)
+        tok, lp = choose(s.logits, keys, params)
+        tok = jnp.where(s.done, pad_id, tok)
+        lp = jnp.where(s.done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[..., None], s.step, axis=2)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(s.logprobs, lp[..., None], s.step, axis=2)
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        done = s.done | jnp.isin(tok, eos) | _stopped(tokens, s.step, stop_seqs)
+        logits, k, v = decode_step(llm, prefix, s, tok, mesh=mesh, axis=axis)
+        return DecodeState(s.step + 1, k, v, tokens, logprobs, done, lengths, logits)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def init_state(prefix: Prefix, params: SamplingParams, cache_dtype) -> DecodeState:
+    layers, b, _, kvh, d = prefix.k.shape
+    g, t = params.num_samples, params.max_new_tokens
+    cache = jnp.zeros((layers, b, g, t, kvh, d), cache_dtype)
+    logits = jnp.broadcast_to(prefix.logits[:, None], (b, g, prefix.logits.shape[-1]))
+    return DecodeState(jnp.zeros((), jnp.int32), cache, cache, jnp.zeros((b, g, t), jnp.int32),
+                       jnp.zeros((b, g, t), jnp.float32), jnp.zeros((b, g), bool),
+                       jnp.zeros((b, g), jnp.int32), logits)
+
+
+class Sampler:
+    """Generate G responses per prompt from a Qwen2 (or a VLM's `.llm`) with a shared prefix.
+
+    `mesh`: with seq > 1, the prefill is the zigzag ring and the prefix cache stays sharded over
+    `seq`. `share_prefix=False` repeats every prompt G times instead (the baseline).
+    """
+
+    def __init__(self, model, mesh=None, *, eos_ids=(), stop_token_seqs=(), pad_id: int = 0,
+                 axis: str = "seq", share_prefix: bool = True):
+        self.llm = getattr(model, "llm", model)
+        self.mesh, self.axis, self.share_prefix = mesh, axis, share_prefix
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.stop_seqs = tuple(tuple(int(t) for t in s) for s in stop_token_seqs)
+        self.pad_id = pad_id
+        self._fns = {}
+
+    def _compiled(self, params: SamplingParams):
+        if params not in self._fns:
+            graphdef, _ = nnx.split(self.llm)
+            mesh, axis = self.mesh, self.axis
+
+            def run_prefill(state, embeds, mask):
+                return prefill(nnx.merge(graphdef, state), embeds, mask, mesh=mesh, axis=axis)
+
+            def run_decode(state, prefix, dstate, row_keys):
+                return decode(nnx.merge(graphdef, state), prefix, dstate, row_keys, params,
+                              self.eos_ids, self.stop_seqs, self.pad_id, mesh=mesh, axis=axis)
+
+            self._fns[params] = (jax.jit(run_prefill),
+                                 jax.jit(functools.partial(init_state, params=params,
+                                                           cache_dtype=self.llm.cfg.dtype)),
+                                 jax.jit(run_decode, donate_argnums=(2,)))
+        return self._fns[params]
+
+    def generate(self, prompts, *, num_samples: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+        """prompts: list of token-id arrays [L_i] or embedding arrays [L_i, E] (video spliced).
+
+        Returns numpy (tokens [B*G, T], logprobs [B*G, T], lengths [B*G]); row b*G + g is
+        sample g of prompt b; positions past a row's length hold pad_id / 0.
+        """
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        embeds = [self.llm.embed_tokens(jnp.asarray(p)) if jnp.asarray(p).ndim == 1 else
+                  jnp.asarray(p) for p in prompts]
+        g = num_samples
+        if not self.share_prefix:
+            embeds = [e for e in embeds for _ in range(g)]
+        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), int(top_k),
+                                g if self.share_prefix else 1)
+        n = self.mesh.shape.get(self.axis, 1) if self.mesh is not None else 1
+        x, mask = left_pad(embeds, multiple=2 * n if n > 1 else 1)
+        run_prefill, run_init, run_decode = self._compiled(params)
+        state = nnx.state(self.llm)
+        prefix = run_prefill(state, x, mask)
+        rows = len(prompts) * g
+        base = jax.random.key(seed)
+        row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
+        out = run_decode(state, prefix, run_init(prefix), row_keys)
+        t = max_new_tokens
+        return (np.asarray(out.tokens).reshape(rows, t), np.asarray(out.logprobs).reshape(rows, t),
+                np.asarray(out.lengths).reshape(rows))

@@ -1,0 +1,88 @@
+"""KV-cache sampler vs full-forward recompute, shared prefix vs repeated prompts, EOS / stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from lvr_jax.models.vlm import init_vlm, vlm_config_from
+from lvr_jax.rollout.sampler import Sampler
+from sharding.mesh import make_mesh
+from tests.conftest import perturb
+
+T = 6
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return perturb(init_vlm(vlm_config_from(tiny.get_config().model), 1), seed=5, scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def prompts(vlm):
+    """Three prompts of different lengths: two token-id prompts and one with a video spliced."""
+    rng = np.random.default_rng(1)
+    clip = jax.random.normal(jax.random.key(2), (2, 28, 28, 3))
+    video = vlm.encode_video(clip)
+    ids = rng.integers(0, 512, 9)
+    with_video = jnp.concatenate([vlm.llm.embed_tokens(jnp.asarray(ids[:3])), video,
+                                  vlm.llm.embed_tokens(jnp.asarray(ids[3:]))])
+    return [rng.integers(0, 512, 5), with_video, rng.integers(0, 512, 14)]
+
+
+def teacher_forced(llm, prompt, tokens, temperature=1.0):
+    """Logits of a full forward over prompt + generated tokens, at the positions predicting them."""
+    emb = llm.embed_tokens(jnp.asarray(prompt)) if np.ndim(prompt) == 1 else prompt
+    full = jnp.concatenate([emb, llm.embed_tokens(jnp.asarray(tokens))])
+    logits = llm(full[None], jnp.arange(full.shape[0])[None])[0]
+    return logits[emb.shape[0] - 1:-1] / temperature
+
+
+@pytest.mark.parametrize("shape", [None, {"seq": 2, "data": -1}, {"seq": 4, "data": -1},
+                                   {"seq": 8}])
+def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape):
+    mesh = make_mesh(shape) if shape else None
+    toks, lps, lens = Sampler(vlm, mesh).generate(prompts, num_samples=2, max_new_tokens=T,
+                                                  temperature=0)
+    assert toks.shape == (6, T) and (lens == T).all()
+    assert len({tuple(r) for r in toks}) > 1          # prompts lead to different answers
+    for r in range(6):
+        logits = teacher_forced(vlm.llm, prompts[r // 2], toks[r])
+        np.testing.assert_array_equal(np.argmax(logits, -1), toks[r])
+        want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), toks[r][:, None], 1)
+        np.testing.assert_allclose(lps[r], want[:, 0], atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])
+def test_shared_prefix_equals_independent_prefills(vlm, prompts, shape):
+    mesh = make_mesh(shape) if shape else None
+    kw = dict(num_samples=3, max_new_tokens=T, temperature=0.8, top_k=50, top_p=0.95, seed=7)
+    shared = Sampler(vlm, mesh).generate(prompts, **kw)
+    repeated = Sampler(vlm, mesh, share_prefix=False).generate(prompts, **kw)
+    np.testing.assert_array_equal(shared[0], repeated[0])
+    np.testing.assert_allclose(shared[1], repeated[1], atol=1e-5)
+    assert len({tuple(r) for r in shared[0][:3]}) > 1  # the 3 samples of a prompt differ
+    # returned logprobs are those of a teacher-forced pass at the sampling temperature
+    for r in range(9):
+        logits = teacher_forced(vlm.llm, prompts[r // 3], shared[0][r], temperature=0.8)
+        want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), shared[0][r][:, None], 1)
+        np.testing.assert_allclose(shared[1][r], want[:, 0], atol=2e-5)
+
+
+def test_eos_and_stop_sequences_end_only_their_branch(vlm, prompts):
+    kw = dict(num_samples=2, max_new_tokens=T, temperature=1.0, seed=3)
+    toks, _, lens = Sampler(vlm).generate(prompts, **kw)
+    assert (lens == T).all()
+    eos = int(toks[0, 2])                               # a token row 0 emits at step 2
+    first = {r: int(np.argmax(toks[r] == eos)) if (toks[r] == eos).any() else None for r in range(6)}
+    t2, lp2, l2 = Sampler(vlm, eos_ids=[eos], pad_id=0).generate(prompts, **kw)
+    for r in range(6):
+        want_len = T if first[r] is None else first[r] + 1
+        assert l2[r] == want_len
+        np.testing.assert_array_equal(t2[r, :want_len], toks[r, :want_len])
+        assert (t2[r, want_len:] == 0).all() and (lp2[r, want_len:] == 0).all()
+    assert (l2 == T).any() and (l2 < T).any()           # one branch stopped, others went on
+    stop = [int(toks[1, 1]), int(toks[1, 2])]           # a two-token stop sequence of row 1
+    _, _, l3 = Sampler(vlm, stop_token_seqs=[stop]).generate(prompts, **kw)
+    assert l3[1] <= 3 and l3.max() == T
