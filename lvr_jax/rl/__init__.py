@@ -1,0 +1,1 @@
+"""RL and SFT objectives: rule rewards, GRPO advantages / loss, CoT-SFT loss."""

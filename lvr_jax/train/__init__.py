@@ -1,0 +1,1 @@
+"""Training: checkpointing (orbax) and, later, the SFT / GRPO trainer loop."""

@@ -1,0 +1,272 @@
+"""Training checkpoints on orbax: params, optimizer state, step, RNG and data-iterator state.
+
+One checkpoint = one orbax step directory `<dir>/<step>/` holding a composite of four items:
+  params     StandardSave  any pytree of arrays (e.g. an nnx params State), sharded arrays as is
+  opt_state  StandardSave  the optax state pytree
+  rng        StandardSave  {"rng": RNG pytree}; typed PRNG keys are stored as their uint32 key data
+  meta       JsonSave      {"step", "data_state" (JSON-able iterator state), "rng_impls", "extra"}
+
+Saves are asynchronous by default (`enable_async_checkpointing`): `save` returns once the arrays are
+copied off the device and the write continues in a background thread; `wait_until_finished` blocks
+until it is committed. Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>`
+after writing `commit_success.txt`, so an interrupted save never looks complete; on top of orbax's
+listing, a step directory without `commit_success.txt` (e.g. a half-copied one) is skipped too.
+
+Restoring takes abstract targets (`jax.ShapeDtypeStruct` with `.sharding`, or concrete arrays, see
+`abstract_like`): arrays come back with the target's sharding, dtype and pytree structure, so a
+params State sharded over a mesh restores sharded. A target whose structure or shapes differ from
+the checkpoint raises `CheckpointError` naming the step, item and directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+COMMIT_FILE = "commit_success.txt"
+ITEMS = ("params", "opt_state", "rng", "meta")
+
+
+class CheckpointError(ValueError):
+    """Nothing to restore, or a checkpoint that does not fit the given targets."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `restore` / `restore_latest` return."""
+    step: int
+    params: Any
+    opt_state: Any
+    rng: Any
+    data_state: Any
+    extra: dict
+
+
+def abstract_like(tree: Any) -> Any:
+    """Arrays -> `jax.ShapeDtypeStruct` keeping shape, dtype and sharding (others left as is)."""
+    def one(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+    return jax.tree.map(one, tree)
+
+
+def _is_key(x: Any) -> bool:
+    """True for typed PRNG key arrays (concrete or abstract)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _rng_to_data(rng: Any) -> tuple[Any, list[str | None]]:
+    """Typed keys -> uint32 key data; also the impl name per leaf (None for plain arrays)."""
+    leaves, tree = jax.tree.flatten(rng)
+    impls = [str(jax.random.key_impl(x)) if _is_key(x) else None for x in leaves]
+    data = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    return jax.tree.unflatten(tree, data), impls
+
+
+def _rng_data_target(rng_target: Any) -> Any:
+    """Abstract target for the stored key data of an RNG target pytree."""
+    def one(x):
+        if _is_key(x):
+            return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return abstract_like(x)
+    return jax.tree.map(one, rng_target)
+
+
+def _rng_from_data(data: Any, rng_target: Any, impls: list[str | None]) -> Any:
+    """Wrap restored key data back into typed keys where the target has keys; keep target sharding."""
+    leaves, tree = jax.tree.flatten(data)
+    targets = jax.tree.leaves(rng_target)
+    if len(impls) != len(leaves) or len(targets) != len(leaves):
+        raise CheckpointError(f"rng: checkpoint has {len(impls)} leaves, target {len(targets)}")
+    out = []
+    for x, t, impl in zip(leaves, targets, impls):
+        if _is_key(t):
+            if impl is None:
+                raise CheckpointError("rng: target leaf is a PRNG key but the checkpoint stored a plain "
+                                      "array there")
+            x = jax.random.wrap_key_data(x, impl=impl)
+            sharding = getattr(t, "sharding", None)
+            if sharding is not None:
+                x = jax.device_put(x, sharding)
+        out.append(x)
+    return jax.tree.unflatten(tree, out)
+
+
+class Checkpointer:
+    """Keep-N, optionally asynchronous orbax checkpoints of a training state.
+
+    Usage:
+        ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
+        ckpt.save(step, params=params, opt_state=opt_state, rng=key, data_state=it.get_state())
+        ...
+        if ckpt.latest_step() is not None:
+            r = ckpt.restore_latest(params=abstract_like(params), opt_state=abstract_like(opt_state),
+                                    rng=key)
+        ckpt.close()
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save, create=True)
+        handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS[:3]}
+        handlers["meta"] = ocp.JsonCheckpointHandler()
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._warned: set[int] = set()
+
+    # -- listing --------------------------------------------------------------------------------
+    def _is_complete(self, step: int) -> bool:
+        """Orbax lists only renamed (finalized) steps; also require the commit file."""
+        return (self.directory / str(step) / COMMIT_FILE).is_file()
+
+    def all_steps(self) -> list[int]:
+        """Complete checkpoint steps, ascending (steps whose save is still in flight are not listed)."""
+        steps = sorted(self._manager.all_steps())
+        complete = [s for s in steps if self._is_complete(s)]
+        for s in sorted(set(steps) - set(complete) - self._warned):
+            self._warned.add(s)
+            log.warning("checkpoint step %d in %s has no %s; ignoring it as incomplete",
+                        s, self.directory, COMMIT_FILE)
+        return complete
+
+    def latest_step(self) -> int | None:
+        """Latest complete step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, *, params: Any, opt_state: Any, rng: Any = None, data_state: Any = None,
+             extra: dict | None = None, force: bool = False) -> bool:
+        """Start saving a checkpoint for `step`; returns whether a save was started.
+
+        Skipped (False) when `step` is not a multiple of `save_interval_steps` (unless force) or
+        is already saved completely; an incomplete directory for `step` is deleted and rewritten.
+        `data_state` and `extra` must be JSON-serialisable (checked here, before anything is
+        written). The write is asynchronous unless the manager was made with
+        async_save=False; call `wait_until_finished` before reading the files.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            self._manager.wait_until_finished()      # it may be our own save, still in flight
+            if self._is_complete(step):
+                log.info("checkpoint step %d already exists in %s; not saving again", step,
+                         self.directory)
+                return False
+            log.warning("replacing incomplete checkpoint step %d in %s", step, self.directory)
+            self._manager.delete(step)
+        rng_data, impls = _rng_to_data({} if rng is None else rng)
+        meta = {"step": step, "data_state": data_state, "rng_impls": impls,
+                "has_rng": rng is not None, "extra": extra or {}}
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"data_state / extra must be JSON-serialisable: {e}") from e
+        items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
+                 "meta": ocp.args.JsonSave(meta)}
+        if rng is not None:
+            items["rng"] = ocp.args.StandardSave({"rng": rng_data})   # a bare key is not a tree
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+
+    def wait_until_finished(self) -> None:
+        """Block until every started save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, step: int, *, params: Any, opt_state: Any, rng: Any = None) -> Restored:
+        """Restore `step` into the given targets (abstract or concrete; see `abstract_like`).
+
+        `rng=None` skips the RNG; typed-key leaves of an `rng` target come back as typed keys.
+        """
+        step = int(step)
+        if step not in self.all_steps():
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} "
+                                  f"(complete steps: {self.all_steps()})")
+        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        if rng is not None and not meta.get("has_rng"):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no rng state")
+        params_out = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_like(params)))
+        opt_out = self._restore_item(step, "opt_state", ocp.args.StandardRestore(abstract_like(opt_state)))
+        rng_out = None
+        if rng is not None:
+            data = self._restore_item(step, "rng", ocp.args.StandardRestore({"rng": _rng_data_target(rng)}))
+            rng_out = _rng_from_data(data["rng"], rng, meta.get("rng_impls") or [])
+        return Restored(step=int(meta.get("step", step)), params=params_out, opt_state=opt_out,
+                        rng=rng_out, data_state=meta.get("data_state"), extra=meta.get("extra") or {})
+
+    def restore_latest(self, *, params: Any, opt_state: Any, rng: Any = None) -> Restored:
+        """Restore the latest complete checkpoint; CheckpointError when there is none."""
+        step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint to restore in {self.directory}")
+        return self.restore(step, params=params, opt_state=opt_state, rng=rng)
+
+    def _restore_item(self, step: int, name: str, args: Any) -> Any:
+        """orbax restore of one item, with errors that name the step, item and directory."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise CheckpointError(
+                f"cannot restore '{name}' of checkpoint step {step} in {self.directory} into the given "
+                f"target (structure, shape or missing item): {e}") from e
+
+
+def install_sigterm_save(fn: Callable[[], Any], *, exit_code: int = 0,
+                         signals: tuple[int, ...] = (signal.SIGTERM,)) -> Callable[[], None]:
+    """On SIGTERM call `fn()` (it should save and wait for the save), then exit with `exit_code`.
+
+    The handler runs in the main thread between Python bytecodes (so never inside a running jitted
+    call); a second signal during the save is ignored. If `fn` raises, the error is logged and the
+    process exits with 1. Exiting is `sys.exit` (SystemExit), so `finally` blocks and atexit hooks
+    still run. Must be called from the main thread. Returns a function restoring the old handlers.
+    """
+    busy = False
+
+    def handler(signum, frame):
+        nonlocal busy
+        if busy:
+            return
+        busy = True
+        code = exit_code
+        log.warning("received signal %d: saving a checkpoint before exiting", signum)
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - still exit, but report the failed save
+            log.exception("saving on signal %d failed", signum)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.exit(code)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+
+    def uninstall() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return uninstall
