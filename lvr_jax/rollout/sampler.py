@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from lvr_jax.models.attention import dense_attention, rope_cos_sin, values
-from lvr_jax.models.qwen2 import LAYER_PARAMS, decoder_layer
+from lvr_jax.models.attention import dense_attention
+from lvr_jax.rollout.branches import branch_forward
 from sharding.ring_attention import ring_attention_fn
 from sharding.sequence_parallel import shard_sequence
 
@@ -95,83 +94,14 @@ def prefill(llm, embeds, mask, *, mesh=None, axis: str = "seq") -> Prefix:
     return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
 
 
-def _prefix_stats(q, k, v, valid, scale, axis):
-    """Softmax partials of q [B, G, KVH, Hg, D] against the prefix shard k, v [B, S, KVH, D];
-    combined over `axis` (if not None) with pmax / psum. Returns (m, l, o) in float32."""
-    s = jnp.einsum("bgkhd,bskd->bgkhs", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1)
-    if axis is not None:
-        m = jax.lax.pmax(m, axis)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m_safe[..., None])
-    l_sum = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bgkhs,bskd->bgkhd", p, v.astype(jnp.float32))
-    if axis is not None:
-        l_sum, o = jax.lax.psum((l_sum, o), axis)
-    return m, l_sum, o
-
-
-def _branch_attention(q, k_new, v_new, prefix_k, prefix_v, valid, cache_k, cache_v, step, mesh,
-                      axis):
-    """Attention of the new token of every branch: prefix (sharded) + own cache + itself."""
-    b, g, h, d = q.shape
-    kvh = k_new.shape[-2]
-    qg = q.reshape(b, g, kvh, h // kvh, d)
-    scale = d ** -0.5
-    if mesh is not None and mesh.shape.get(axis, 1) > 1:
-        stats = jax.shard_map(
-            functools.partial(_prefix_stats, scale=scale, axis=axis), mesh=mesh,
-            in_specs=(P(), P(None, axis), P(None, axis), P(None, axis)), out_specs=P(),
-            axis_names={axis}, check_vma=False)
-        m1, l1, o1 = stats(qg, prefix_k, prefix_v, valid)
-    else:
-        m1, l1, o1 = _prefix_stats(qg, prefix_k, prefix_v, valid, scale, None)
-    # own response: cached steps < step, plus the new token itself
-    keys = jnp.concatenate([cache_k, k_new[:, :, None]], axis=2)        # [B, G, T+1, KVH, D]
-    vals = jnp.concatenate([cache_v, v_new[:, :, None]], axis=2)
-    t_idx = jnp.arange(keys.shape[2])
-    own = (t_idx < step) | (t_idx == keys.shape[2] - 1)
-    s2 = jnp.einsum("bgkhd,bgtkd->bgkht", qg, keys, preferred_element_type=jnp.float32) * scale
-    s2 = jnp.where(own, s2, -jnp.inf)
-    m2 = jnp.max(s2, axis=-1)
-    m = jnp.maximum(m1, m2)
-    w1 = jnp.exp(jnp.where(jnp.isfinite(m1), m1 - m, -jnp.inf))
-    p2 = jnp.exp(s2 - m[..., None])
-    denom = l1 * w1 + jnp.sum(p2, axis=-1)
-    num = o1 * w1[..., None] + jnp.einsum("bgkht,bgtkd->bgkhd", p2, vals.astype(jnp.float32))
-    return (num / denom[..., None]).reshape(b, g, h, d).astype(q.dtype)
-
-
 def decode_step(llm, prefix: Prefix, state: DecodeState, token, *, mesh=None, axis="seq"):
     """Feed `token` [B, G] at `state.step`; returns (next logits [B, G, V], new k, v caches)."""
-    cfg = llm.cfg
-    b, g = token.shape
-    x = llm.embed_tokens(token.reshape(b * g, 1))                       # [BG, 1, E]
-    pos = (prefix.lengths[:, None] + state.step).repeat(g, axis=1).reshape(b * g, 1)
-    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
-
-    def layer(x, xs):
-        p, pk, pv, ck, cv = xs
-        out = {}
-
-        def attend(q, k, v):
-            out["k"], out["v"] = k.reshape(b, g, *k.shape[2:]), v.reshape(b, g, *v.shape[2:])
-            o = _branch_attention(q.reshape(b, g, *q.shape[2:]), out["k"], out["v"], pk, pv,
-                                  prefix.valid, ck, cv, state.step, mesh, axis)
-            return o.reshape(b * g, 1, *o.shape[2:])
-
-        x, _ = decoder_layer(cfg, p, x, cos, sin, attend)
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, out["k"][:, :, None].astype(ck.dtype),
-                                                 state.step, axis=2)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, out["v"][:, :, None].astype(cv.dtype),
-                                                 state.step, axis=2)
-        return x, (ck, cv)
-
-    stacked = values(llm.layers, LAYER_PARAMS)
-    x, (k, v) = jax.lax.scan(layer, x, (stacked, prefix.k, prefix.v, state.k, state.v))
-    logits = llm.head(x).reshape(b, g, -1)
-    return logits, k, v
+    hidden, (k_new, v_new) = branch_forward(
+        llm, prefix.k, prefix.v, prefix.valid, prefix.lengths, token[..., None],
+        cache=(state.k, state.v), step=state.step, mesh=mesh, axis=axis)
+    k = jax.lax.dynamic_update_slice_in_dim(state.k, k_new.astype(state.k.dtype), state.step, 3)
+    v = jax.lax.dynamic_update_slice_in_dim(state.v, v_new.astype(state.v.dtype), state.step, 3)
+    return llm.head(hidden[:, :, 0]), k, v
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):

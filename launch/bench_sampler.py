@@ -1,0 +1,124 @@
+"""Sampler benchmark: decode tokens/s vs transformers `generate()` on the same tiny Qwen2 weights
+(torch CPU, same batch and lengths, measured in one run), and the prefix cache bytes and prefill
+FLOPs of a group of G samples with and without the shared prefix. Writes a Markdown table.
+    python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lvr_jax.rollout.sampler import Sampler, left_pad, prefill  # noqa: E402
+from lvr_jax.weights.hf import load_llm  # noqa: E402
+
+
+def tiny_torch_qwen2(folder: str, seed: int = 0):
+    """A random tiny transformers Qwen2 (the tests' size), saved for our loader."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def time_hf(model, prompts: np.ndarray, new: int) -> float:
+    import torch
+
+    ids = torch.from_numpy(prompts)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+              eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm up
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == prompts.shape[1] + new
+    return dt
+
+
+def time_ours(sampler: Sampler, prompts: np.ndarray, group: int, new: int) -> float:
+    kw = dict(num_samples=group, max_new_tokens=new, temperature=0)
+    sampler.generate(list(prompts), **kw)                         # compile
+    t0 = time.perf_counter()
+    toks, _, lens = sampler.generate(list(prompts), **kw)
+    dt = time.perf_counter() - t0
+    assert (lens == new).all()
+    return dt
+
+
+def prefill_cost(llm, prompts: np.ndarray):
+    """(FLOPs of the compiled prefill, prefix cache bytes) for these prompts."""
+    x, mask = left_pad([llm.embed_tokens(jnp.asarray(p)) for p in prompts])
+    graphdef, state = nnx.split(llm)
+    fn = jax.jit(lambda s, x, m: prefill(nnx.merge(graphdef, s), x, m))
+    flops = fn.lower(state, x, mask).compile().cost_analysis()["flops"]
+    pre = jax.eval_shape(fn, state, x, mask)
+    return flops, pre.k.size * pre.k.dtype.itemsize * 2
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench_sampler")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt_len", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = tiny_torch_qwen2(tmp)
+        llm, _ = load_llm(tmp)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, 512, (args.prompts, args.prompt_len))
+    rows = args.prompts * args.group
+    hf_dt = time_hf(hf_model, np.repeat(prompts, args.group, axis=0), args.new)
+    ours_dt = time_ours(Sampler(llm), prompts, args.group, args.new)
+    rep_dt = time_ours(Sampler(llm, share_prefix=False), prompts, args.group, args.new)
+    shared_flops, shared_bytes = prefill_cost(llm, prompts)
+    rep_flops, rep_bytes = prefill_cost(llm, np.repeat(prompts, args.group, axis=0))
+    tok = rows * args.new
+    lines = [
+        f"Tiny Qwen2 (64 wide, 2 layers), {args.prompts} prompts x G={args.group}, prompt "
+        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch {torch_version()}).",
+        "", "| sampler | wall s | tokens/s | vs HF generate |", "|---|---:|---:|---:|",
+        f"| transformers generate (batch {rows}) | {hf_dt:.2f} | {tok / hf_dt:.0f} | 1.00 |",
+        f"| lvr_jax, shared prefix | {ours_dt:.2f} | {tok / ours_dt:.0f} | {hf_dt / ours_dt:.2f} |",
+        f"| lvr_jax, prompt repeated G times | {rep_dt:.2f} | {tok / rep_dt:.0f} | "
+        f"{hf_dt / rep_dt:.2f} |", "",
+        "| prefill of one batch | FLOPs | prefix K/V bytes |", "|---|---:|---:|",
+        f"| shared prefix (B={args.prompts}) | {shared_flops:.3e} | {shared_bytes} |",
+        f"| repeated (B x G={rows}) | {rep_flops:.3e} | {rep_bytes} |",
+        f"| ratio | {rep_flops / shared_flops:.2f}x | {rep_bytes / shared_bytes:.2f}x |",
+    ]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "bench_sampler.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+def torch_version():
+    import torch
+    return torch.__version__
+
+
+if __name__ == "__main__":
+    main()
