@@ -42,7 +42,12 @@ class VLM(nnx.Module):
 
     def encode_frames(self, frames: jax.Array) -> jax.Array:
         """frames [T, H, W, 3] (preprocessed) -> per-frame embeddings [T, tokens_per_frame, D]."""
-        tokens = self.projector(self.vision(frames))
+        return self.project_frames(self.vision(frames))
+
+    def project_frames(self, features: jax.Array) -> jax.Array:
+        """Vision features [T, N, C] -> per-frame embeddings [T, tokens_per_frame, D]: projector
+        tokens plus the embedding of "\n" after each frame."""
+        tokens = self.projector(features)
         newline = self.llm.embed_tokens(jnp.asarray([self.cfg.newline_token_id]))
         newline = jnp.broadcast_to(newline[None].astype(tokens.dtype),
                                    (tokens.shape[0], 1, tokens.shape[-1]))

@@ -228,15 +228,28 @@ class Sampler:
             embeds = [e for e in embeds for _ in range(g)]
         params = SamplingParams(max_new_tokens, float(temperature), float(top_p), int(top_k),
                                 g if self.share_prefix else 1)
+        x, mask = left_pad(embeds, multiple=self.pad_multiple)
+        return self.generate_padded(x, mask, params, seed=seed, rows=len(prompts) * g)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Prompt lengths must be multiples of this (2 x the seq axis) for the ring prefill."""
         n = self.mesh.shape.get(self.axis, 1) if self.mesh is not None else 1
-        x, mask = left_pad(embeds, multiple=2 * n if n > 1 else 1)
+        return 2 * n if n > 1 else 1
+
+    def generate_padded(self, x, mask, params: SamplingParams, *, seed: int = 0, rows=None):
+        """Like `generate` for prompts already left padded: x [B, Lp, E], mask [B, Lp] (Lp a
+        multiple of `pad_multiple`). Returns numpy (tokens, logprobs, lengths) of B*G rows."""
+        if x.shape[1] % self.pad_multiple:
+            raise ValueError(f"padded prompt length {x.shape[1]} is not a multiple of "
+                             f"{self.pad_multiple} (2 x the '{self.axis}' axis)")
+        rows = x.shape[0] * params.num_samples if rows is None else rows
         run_prefill, run_init, run_decode = self._compiled(params)
         state = nnx.state(self.llm)
         prefix = run_prefill(state, x, mask)
-        rows = len(prompts) * g
         base = jax.random.key(seed)
         row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
         out = run_decode(state, prefix, run_init(prefix), row_keys)
-        t = max_new_tokens
+        t = params.max_new_tokens
         return (np.asarray(out.tokens).reshape(rows, t), np.asarray(out.logprobs).reshape(rows, t),
                 np.asarray(out.lengths).reshape(rows))

@@ -6,9 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from flax import nnx
-
-from lvr_jax.models.vlm import VLM, VLMConfig, vlm_config_from
+from lvr_jax.models.vlm import VLMConfig, init_vlm, vlm_config_from
 from lvr_jax.weights.hf import VIDEO_TOKEN, load_tokenizer, newline_id, save_hf
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -41,15 +39,17 @@ def make_tokenizer(folder: str | Path, corpus=DEFAULT_CORPUS, vocab_size: int = 
     return fast
 
 
-def make_random_checkpoint(model_cfg, folder: str | Path, *, seed: int = 0,
+def make_random_checkpoint(model_cfg, folder: str | Path, *, seed: int = 0, corpus=None,
                            overwrite: bool = False) -> Path:
-    """Write a random VLM of config section `model_cfg` plus a tiny tokenizer as a VILA folder."""
+    """Write a random VLM of config section `model_cfg` plus a small BPE tokenizer trained on
+    `corpus` (default: a few sentences) as a VILA folder."""
+    vocab = min(model_cfg.llm["vocab_size"] - len(QWEN_SPECIALS) - 2, 1024)
     with tempfile.TemporaryDirectory() as tmp:
-        make_tokenizer(tmp)
+        make_tokenizer(tmp, corpus or DEFAULT_CORPUS, vocab_size=vocab)
         tok = load_tokenizer(tmp, model_cfg.llm["vocab_size"])
     base = vlm_config_from(model_cfg)
     cfg = VLMConfig(base.llm, base.vision, base.projector_type,
                     video_token_id=tok.convert_tokens_to_ids(VIDEO_TOKEN),
                     newline_token_id=newline_id(tok))
-    model = VLM(cfg, rngs=nnx.Rngs(seed))
+    model = init_vlm(cfg, seed)
     return save_hf(model, folder, tokenizer=tok, overwrite=overwrite)
