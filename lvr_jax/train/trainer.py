@@ -69,6 +69,16 @@ def nonfinite_counts(opt_state) -> tuple[int, int]:
     return 0, 0
 
 
+def replicate_stray_arrays(module, mesh) -> None:
+    """Put arrays that live on one device (optimizer counters) replicated on the mesh, so every
+    step sees the same placements (no recompile after the first update, restorable shardings)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = nnx.state(module)
+    placed = jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
+                          else jax.device_put(x, replicated), state)
+    nnx.update(module, placed)
+
+
 def data_files(config, split: str) -> str:
     """`data.<split>_files`, default `<data.dir>/<split>.jsonl`."""
     given = config.data.get(f"{split}_files", "")
@@ -119,6 +129,7 @@ def setup(config, workdir, *, mode: str) -> Run:
     total = int(config.train.steps)
     optimizer = nnx.Optimizer(model, make_optimizer(config.optim, total),
                               wrt=trainable_filter(config.train.freeze_vision))
+    replicate_stray_arrays(optimizer, mesh)
     data_cfg = data_config(config, mode=mode, num_epochs=None)
     records = load_records(data_files(config, "train"), on_error=data_cfg.on_error)
     pre = Preprocessor.from_pretrained(Path(config.init_checkpoint) / "vision_tower")
@@ -139,7 +150,6 @@ def restore(run: Run) -> None:
     got = run.ckpt.restore_latest(params=params, opt_state=opt_state, rng=run.rng)
     nnx.update(run.model, got.params)
     nnx.update(run.optimizer, got.opt_state)
-    run.optimizer.step.set_value(jnp.asarray(got.step, run.optimizer.step.get_value().dtype))
     run.step, run.rng = got.step, got.rng
     if got.data_state is not None:
         run.data_iter.set_state(got.data_state)
@@ -155,7 +165,12 @@ def save(run: Run, *, force: bool = False) -> None:
 
 
 def check_finite(run: Run, metrics: dict) -> None:
-    consecutive, total = nonfinite_counts(nnx.state(run.optimizer, nnx.optimizer.OptState))
+    """Count skipped non-finite updates into `metrics`; stop after train.max_nonfinite in a row."""
+    check_finite_counts(run, nnx.state(run.optimizer, nnx.optimizer.OptState), metrics)
+
+
+def check_finite_counts(run, opt_state, metrics: dict) -> None:
+    consecutive, total = nonfinite_counts(opt_state)
     metrics["nonfinite_skipped"] = total
     if consecutive:
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",

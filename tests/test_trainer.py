@@ -1,0 +1,110 @@
+"""Training loop: exact resume after SIGKILL, non-finite updates skipped and counted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import demo
+from lvr_jax.train import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A small synthetic set and a random tiny VILA checkpoint with its tokenizer."""
+    from lvr_jax.data.synthetic import generate_dataset
+    from lvr_jax.weights.tiny import make_random_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    generate_dataset(root / "data", num_train=12, num_val=0, num_test=0, num_frames=16, size=28)
+    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
+    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
+    return root
+
+
+def sft_cmd(root: Path, workdir: Path):
+    return [sys.executable, str(ROOT / "launch" / "train_sft.py"),
+            f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={workdir}",
+            f"--config.init_checkpoint={root / 'init'}", f"--config.data.dir={root / 'data'}",
+            f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4",
+            "--config.train.log_every=100", "--config.data.pipeline.batch_size=2",
+            "--config.data.pipeline.num_frames=4"]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows}          # last row of a step wins
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_setup, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    full = tmp_path / "full"
+    subprocess.run(sft_cmd(tiny_setup, full), check=True, env=env, timeout=600,
+                   capture_output=True)
+    want = losses(full)
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(sft_cmd(tiny_setup, cut), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    marker = cut / "checkpoints" / "8" / "commit_success.txt"
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert marker.exists(), "the run ended before its step-8 checkpoint"
+    done_before = max(losses(cut))
+    assert done_before < STEPS, "the run finished before it was killed"
+    out = subprocess.run(sft_cmd(tiny_setup, cut), check=True, env=env, timeout=600,
+                         capture_output=True, text=True)
+    resumed = int(out.stdout.split("resumed from checkpoint step ")[1].split()[0])
+    assert 8 <= resumed < STEPS
+    got = losses(cut)
+    for step in range(resumed + 1, STEPS + 1):
+        assert got[step] == want[step], step
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run():
+    optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, final_lr_fraction=0.1,
+                                           b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0,
+                                           grad_accum_steps=1))
+    tx = trainer.make_optimizer(optim, 10)
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=3), jnp.float32)}
+    state = tx.init(params)
+    good = {"w": jnp.ones(3)}
+    bad = {"w": jnp.asarray([1.0, jnp.nan, 0.0])}
+    upd, state = tx.update(good, state, params)
+    params = optax.apply_updates(params, upd)
+    before = np.asarray(params["w"])
+    for i in range(2):
+        upd, state = tx.update(bad, state, params)
+        params = optax.apply_updates(params, upd)
+        np.testing.assert_array_equal(params["w"], before)   # update skipped
+        assert trainer.nonfinite_counts(state) == (i + 1, i + 1)
+
+    class FakeRun:
+        step = 7
+        config = ml_collections.ConfigDict({"train": {"max_nonfinite": 2}})
+        optimizer = None
+
+    metrics = {}
+    with pytest.raises(trainer.NonFiniteError, match="2 consecutive steps"):
+        trainer.check_finite_counts(FakeRun, state, metrics)
+    assert metrics["nonfinite_skipped"] == 2
+    upd, state = tx.update(good, state, params)
+    assert trainer.nonfinite_counts(state) == (0, 2)
+    assert jax.tree.leaves(upd)[0].shape == (3,)
