@@ -1,0 +1,520 @@
+"""Video QA datasets: JSONL records, validation, and the grain pipeline per JAX process.
+
+Two record forms are read (one JSON object per line) and normalised into `Record`:
+
+* LongVideo-Reason: `{"problem_id", "videos": "rel/path.mp4", "problem": "question with options",
+  "problem_type": category, "reasoning": "...", "answer": "<answer>B</answer>"}`;
+* multiple-choice benchmark: `{"question", "options": [...], "answer": "B", "category", "videos"
+  or "video", optional "problem_id" / "id", optional "reasoning"}`.
+
+Errors name the record as `file:line (problem_id ...)`. `videos` is a path relative to the
+dataset root; absolute paths, `..` components and symlinks that leave the root are rejected.
+
+Pipeline (`make_iter_dataset`): `MapDataset.source(records)` -> `.shuffle(seed)` -> this
+process's shard (disjoint across processes; with `drop_remainder` every shard has the same
+length) -> `.repeat(num_epochs)` (reshuffled each epoch) -> `.map(ExampleBuilder)` (decode +
+preprocess + tokenize) -> `to_iter_dataset` -> `mp_prefetch` (decoding in `num_workers` worker
+processes) -> skip accounting + batching in the main process. The iterator's `get_state()` /
+`set_state()` resume exactly (worker processes included); `iterator.skipped` counts the records
+skipped with `on_error="skip"` (each one is logged with its reason).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import grain
+import numpy as np
+
+from lvr_jax.data import prompts
+from lvr_jax.data.video import Preprocessor, VideoError, read_frames
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+MODES = ("rl", "sft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names it (file:line and problem_id)."""
+
+    def __init__(self, source: str, problem_id: str | None, reason: str):
+        self.source, self.problem_id, self.reason = source, problem_id, reason
+        pid = f" (problem_id {problem_id!r})" if problem_id is not None else ""
+        super().__init__(f"{source}{pid}: {reason}")
+
+    def __reduce__(self):  # keep the fields across worker processes
+        return type(self), (self.source, self.problem_id, self.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One normalised example."""
+    problem_id: str
+    video: str          # path relative to the dataset root
+    question: str       # question text including its lettered options
+    answer: str         # option letter
+    category: str
+    reasoning: str      # CoT text ("" when absent)
+    source: str         # "file.jsonl:line"
+    index: int = -1     # position in the record list the pipeline was built from
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s", re.M)
+
+
+def _option_letters(question: str) -> list[str]:
+    """Letters of the option lines ("A. ...", "(B) ...") when they run A, B, C, ...; else []."""
+    found = list(dict.fromkeys(_OPTION_LINE.findall(question)))
+    return found if found and found == list(prompts.LETTERS[:len(found)]) else []
+
+
+def _field(obj: dict, names: Sequence[str]):
+    for n in names:
+        if n in obj and obj[n] is not None and obj[n] != "":
+            return obj[n]
+    return None
+
+
+def _video_field(obj: dict, source: str, pid: str | None) -> str:
+    v = _field(obj, ("videos", "video", "video_path"))
+    if v is None:
+        raise RecordError(source, pid, "missing field 'videos'")
+    if isinstance(v, list):
+        if len(v) != 1 or not isinstance(v[0], str):
+            raise RecordError(source, pid, f"'videos' must be one path, got {v!r}")
+        v = v[0]
+    if not isinstance(v, str):
+        raise RecordError(source, pid, f"'videos' must be a string path, got {type(v).__name__}")
+    check_relative_path(v, source, pid)
+    return v
+
+
+def check_relative_path(rel: str, source: str = "?", problem_id: str | None = None) -> None:
+    """Reject paths that could leave the dataset root: absolute, drive-letter, `..`, empty."""
+    if not rel.strip() or "\x00" in rel:
+        raise RecordError(source, problem_id, f"invalid video path {rel!r}")
+    if (PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute()
+            or PureWindowsPath(rel).drive or rel.startswith("~")):
+        raise RecordError(source, problem_id,
+                          f"video path {rel!r} is absolute; it must be relative to the dataset root")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise RecordError(source, problem_id, f"video path {rel!r} escapes the dataset root ('..')")
+
+
+def resolve_video(root, rel: str, source: str = "?", problem_id: str | None = None) -> Path:
+    """`root / rel`, after checking that it stays under `root` once symlinks are resolved."""
+    check_relative_path(rel, source, problem_id)
+    root = Path(root).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise RecordError(source, problem_id,
+                          f"video path {rel!r} resolves to {path}, outside the dataset root {root}")
+    return path
+
+
+def parse_record(obj: Any, source: str, *, need_reasoning: bool = False) -> Record:
+    """Validate one JSON object (either form) into a `Record`; RecordError names it."""
+    if not isinstance(obj, dict):
+        raise RecordError(source, None, f"a record must be a JSON object, got {type(obj).__name__}")
+    pid = _field(obj, ("problem_id", "question_id", "id", "uid"))
+    pid = None if pid is None else str(pid)
+    if "problem" in obj:                       # LongVideo-Reason form
+        if pid is None:
+            raise RecordError(source, None, "missing field 'problem_id'")
+        question = obj.get("problem")
+        if not isinstance(question, str) or not question.strip():
+            raise RecordError(source, pid, "field 'problem' must be a non-empty string")
+        question = question.strip()
+        category = obj.get("problem_type") or obj.get("category") or "unknown"
+        letters = _option_letters(question)
+    elif "question" in obj:                    # multiple-choice benchmark form
+        question = obj.get("question")
+        options = obj.get("options")
+        if not isinstance(question, str) or not question.strip():
+            raise RecordError(source, pid, "field 'question' must be a non-empty string")
+        if not isinstance(options, list) or len(options) < 2:
+            raise RecordError(source, pid, "field 'options' must be a list of at least 2 options")
+        try:
+            question = prompts.format_question(question, [str(o) for o in options])
+        except ValueError as e:
+            raise RecordError(source, pid, str(e)) from e
+        pid = pid if pid is not None else source
+        category = obj.get("category") or obj.get("problem_type") or "unknown"
+        letters = list(prompts.LETTERS[:len(options)])
+    else:
+        raise RecordError(source, pid, "missing field 'problem' (or 'question' + 'options')")
+    video = _video_field(obj, source, pid)
+    raw_answer = obj.get("answer")
+    if raw_answer is None or raw_answer == "":
+        raise RecordError(source, pid, "missing field 'answer'")
+    if isinstance(raw_answer, int) and not isinstance(raw_answer, bool) and letters:
+        if not 0 <= raw_answer < len(letters):
+            raise RecordError(source, pid, f"answer index {raw_answer} out of range")
+        letter = letters[raw_answer]
+    else:
+        try:
+            letter = prompts.answer_letter(str(raw_answer))
+        except ValueError as e:
+            raise RecordError(source, pid, str(e)) from e
+    if letters and letter not in letters:
+        raise RecordError(source, pid, f"answer {letter!r} is not one of the options {letters}")
+    reasoning = obj.get("reasoning") or ""
+    if not isinstance(reasoning, str):
+        raise RecordError(source, pid, "field 'reasoning' must be a string")
+    if need_reasoning and not reasoning.strip():
+        raise RecordError(source, pid, "missing field 'reasoning' (needed for SFT)")
+    if reasoning.strip():
+        try:
+            prompts.reasoning_response(reasoning, letter)
+        except ValueError as e:
+            raise RecordError(source, pid, str(e)) from e
+    return Record(problem_id=pid, video=video, question=question, answer=letter,
+                  category=str(category), reasoning=reasoning, source=source)
+
+
+class SkipLog:
+    """Counts and logs skipped records (`on_error="skip"`); keeps the last few reasons."""
+
+    def __init__(self, keep: int = 50):
+        self.count = 0
+        self.recent: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        self.recent.append(message)
+        log.warning("skipping record (%d skipped so far): %s", self.count, message)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_error: str = "raise",
+                 need_reasoning: bool = False, skips: SkipLog | None = None) -> list[Record]:
+    """Read and validate JSONL files (blank lines ignored). Bad lines raise `RecordError`
+    (`on_error="raise"`) or are counted in `skips` and logged (`on_error="skip"`). Duplicate
+    problem_ids are an error. Records get `index` = position in the returned list."""
+    _check_on_error(on_error)
+    skips = skips if skips is not None else SkipLog()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Record] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                source = f"{path}:{lineno}"
+                try:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise RecordError(source, None, f"invalid JSON ({e.msg})") from e
+                    rec = parse_record(obj, source, need_reasoning=need_reasoning)
+                    if rec.problem_id in seen:
+                        raise RecordError(source, rec.problem_id,
+                                          f"duplicate problem_id (first at {seen[rec.problem_id]})")
+                except RecordError as e:
+                    if on_error == "raise":
+                        raise
+                    skips.add(str(e))
+                    continue
+                seen[rec.problem_id] = source
+                out.append(dataclasses.replace(rec, index=len(out)))
+    if skips.count:
+        log.warning("loaded %d records, skipped %d", len(out), skips.count)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Data pipeline settings (an ml_collections section converts with `DataConfig(**section)`)."""
+    root: str = "."                  # dataset root: `videos` paths are relative to it
+    mode: str = "rl"                 # "rl": prompt ids; "sft": prompt + reply ids and loss mask
+    num_frames: int = 16
+    fps: float = 0.0                 # > 0 caps the sampling rate (fewer frames for short videos)
+    short_video: str = "repeat"      # fewer frames than asked: "repeat" (reference) or "error"
+    batch_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1       # None: repeat forever (reshuffled every epoch)
+    drop_remainder: bool = True      # equal-length shards and full batches only
+    on_error: str = "raise"          # bad record: "raise" or "skip" (counted and logged)
+    max_consecutive_skips: int = 100  # "skip" mode gives up when this many fail in a row
+    num_workers: int = 0             # decoding processes (0: in the main process)
+    worker_buffer_size: int = 2      # examples buffered per worker
+    read_threads: int = 1            # threads per process mapping examples
+    decode_threads: int = 1          # decord threads per video
+    max_length: int | None = None    # pad token ids to this length; longer prompts are bad records
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        _check_on_error(self.on_error)
+        if self.batch_size < 1 or self.num_frames < 1:
+            raise ValueError("batch_size and num_frames must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Placeholder for a record that failed with on_error="skip" (travels from the workers)."""
+    source: str
+    problem_id: str
+    reason: str
+
+
+class ExampleBuilder:
+    """Record -> example dict: decoded + preprocessed frames and token ids (runs in workers).
+
+    Keys: frames float32 [T, S, S, 3], frame_indices int32 [T], input_ids int32 [L],
+    loss_mask int32 [L] (sft), index int64, problem_id, answer (letter), category (str).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, preprocessor: Preprocessor):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+
+    def build(self, rec: Record) -> dict:
+        cfg = self.cfg
+        try:
+            path = resolve_video(cfg.root, rec.video, rec.source, rec.problem_id)
+            frames, idx = read_frames(path, cfg.num_frames, cfg.fps, short=cfg.short_video,
+                                      threads=cfg.decode_threads, return_indices=True)
+        except VideoError as e:
+            raise RecordError(rec.source, rec.problem_id, f"video {e}") from e
+        pixels = self.preprocessor(frames)
+        try:
+            if cfg.mode == "sft":
+                if not rec.reasoning.strip():
+                    raise ValueError("no 'reasoning' for SFT")
+                reply = prompts.reasoning_response(rec.reasoning, rec.answer)
+                ids, mask = prompts.sft_ids_and_mask(self.tokenizer, rec.question, reply,
+                                                     system=cfg.system_prompt)
+            else:
+                ids = prompts.rl_prompt_ids(self.tokenizer, rec.question, system=cfg.system_prompt)
+                mask = None
+        except ValueError as e:
+            raise RecordError(rec.source, rec.problem_id, str(e)) from e
+        if cfg.max_length is not None and len(ids) > cfg.max_length:
+            raise RecordError(rec.source, rec.problem_id,
+                              f"{len(ids)} tokens, more than max_length={cfg.max_length}")
+        ex = {"frames": pixels, "frame_indices": idx.astype(np.int32), "input_ids": ids,
+              "index": np.int64(rec.index), "problem_id": rec.problem_id, "answer": rec.answer,
+              "category": rec.category}
+        if mask is not None:
+            ex["loss_mask"] = mask
+        return ex
+
+    def __call__(self, rec: Record) -> dict | Skipped:
+        try:
+            return self.build(rec)
+        except RecordError as e:
+            if self.cfg.on_error == "raise":
+                raise
+            return Skipped(rec.source, rec.problem_id, str(e))
+
+
+def collate(examples: Sequence[dict], *, pad_id: int, max_length: int | None = None) -> dict:
+    """Stack examples: token ids right-padded with `pad_id` (to max_length, else the longest),
+    frames zero-padded to the most frames. Adds attention_mask [B, L], length [B], num_frames [B]."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    width = max_length if max_length is not None else max(lengths)
+    t_max = max(e["frames"].shape[0] for e in examples)
+    b = len(examples)
+    ids = np.full((b, width), pad_id, np.int32)
+    attn = np.zeros((b, width), np.int32)
+    frames = np.zeros((b, t_max) + examples[0]["frames"].shape[1:], np.float32)
+    frame_idx = np.full((b, t_max), -1, np.int32)
+    out = {}
+    for i, e in enumerate(examples):
+        n, t = lengths[i], e["frames"].shape[0]
+        ids[i, :n] = e["input_ids"]
+        attn[i, :n] = 1
+        frames[i, :t] = e["frames"]
+        frame_idx[i, :t] = e["frame_indices"]
+    out.update(input_ids=ids, attention_mask=attn, length=np.asarray(lengths, np.int32),
+               frames=frames, frame_indices=frame_idx,
+               num_frames=np.asarray([e["frames"].shape[0] for e in examples], np.int32),
+               index=np.asarray([e["index"] for e in examples], np.int64),
+               problem_id=np.asarray([e["problem_id"] for e in examples]),
+               answer=np.asarray([e["answer"] for e in examples]),
+               category=np.asarray([e["category"] for e in examples]))
+    if "loss_mask" in examples[0]:
+        loss = np.zeros((b, width), np.int32)
+        for i, e in enumerate(examples):
+            loss[i, :lengths[i]] = e["loss_mask"]
+        out["loss_mask"] = loss
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# grain pipeline
+
+
+def default_shard() -> tuple[int, int]:
+    """(this JAX process's index, number of processes)."""
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def shard_records(ds: grain.MapDataset, shard_index: int, shard_count: int, *, even: bool):
+    """This shard's part of a (shuffled) MapDataset: elements shard_index, +shard_count, ...;
+    with `even`, first trimmed to a multiple of shard_count so all shards have equal length."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if even:
+        ds = ds[: (len(ds) // shard_count) * shard_count]
+    return ds[shard_index::shard_count]
+
+
+def mark_flags_parsed(*_args) -> None:
+    """grain reads absl flags; worker processes (and pytest) never parse argv."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_map_dataset(records: Sequence[Record], cfg: DataConfig, tokenizer, preprocessor, *,
+                     shard_index: int | None = None, shard_count: int | None = None):
+    """The MapDataset part: shuffle -> shard -> repeat -> map(ExampleBuilder)."""
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("give both shard_index and shard_count, or neither")
+    if shard_index is None:
+        shard_index, shard_count = default_shard()
+    records = [dataclasses.replace(r, index=i) for i, r in enumerate(records)]
+    if not records:
+        raise ValueError("no records")
+    ds = grain.MapDataset.source(records)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = shard_records(ds, shard_index, shard_count, even=cfg.drop_remainder)
+    if len(ds) == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    return ds.map(ExampleBuilder(cfg, tokenizer, preprocessor))
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Drops (counts, logs) `Skipped` examples and collates batches, in the main process.
+
+    State = the parent's state (worker processes included) + the skip counter.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._pad_id = pad_id
+        self.skip_log = SkipLog()
+
+    @property
+    def skipped(self) -> int:
+        """Records skipped so far (on_error="skip"); restored by set_state."""
+        return self.skip_log.count
+
+    def __next__(self) -> dict:
+        cfg = self._cfg
+        batch: list[dict] = []
+        in_a_row = 0
+        while len(batch) < cfg.batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                if batch and not cfg.drop_remainder:
+                    break
+                raise
+            if isinstance(ex, Skipped):
+                self.skip_log.add(ex.reason)
+                in_a_row += 1
+                if in_a_row >= cfg.max_consecutive_skips:
+                    raise RuntimeError(f"{in_a_row} records in a row failed; last: {ex.reason}")
+                continue
+            in_a_row = 0
+            batch.append(ex)
+        return collate(batch, pad_id=self._pad_id, max_length=cfg.max_length)
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skipped": self.skip_log.count}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self.skip_log = SkipLog()
+        self.skip_log.count = int(state["skipped"])
+
+    def close(self) -> None:
+        """Stop the worker processes (also done at garbage collection)."""
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()
+
+
+class BatchDataset(grain.IterDataset):
+    """IterDataset whose iterator is a `BatchIterator`."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._pad_id = pad_id
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"BatchDataset(batch_size={self._cfg.batch_size})"
+
+
+def make_iter_dataset(records: Sequence[Record], cfg: DataConfig, tokenizer, preprocessor: Preprocessor,
+                      *, shard_index: int | None = None, shard_count: int | None = None):
+    """The full pipeline as a grain IterDataset of batches (see the module docstring).
+
+    `iter(ds)` gives an iterator with `get_state()` / `set_state()` (save it with the training
+    checkpoint; a fresh iterator restored from it yields exactly the batches that would have come
+    next), `.skipped` and `.skip_log`, and `close()` (stops the worker processes).
+    Shards default to `jax.process_index()` / `jax.process_count()`.
+    """
+    mark_flags_parsed()
+    ds = make_map_dataset(records, cfg, tokenizer, preprocessor, shard_index=shard_index,
+                          shard_count=shard_count)
+    threads = max(0, cfg.read_threads)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=max(threads, 1)))
+    if cfg.num_workers > 0:
+        # small arrays (token ids, indices) are pickled; frames travel through shared memory
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size),
+                            worker_init_fn=mark_flags_parsed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return BatchDataset(it, cfg, int(pad_id))
+
+
+def num_batches(num_records: int, cfg: DataConfig, shard_count: int = 1) -> int:
+    """Batches per epoch for one shard, before skips (without drop_remainder: the largest
+    shard's count)."""
+    per_shard = num_records // shard_count if cfg.drop_remainder else -(-num_records // shard_count)
+    return per_shard // cfg.batch_size if cfg.drop_remainder else -(-per_shard // cfg.batch_size)

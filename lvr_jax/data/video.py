@@ -1,0 +1,461 @@
+"""Video reading and SigLIP preprocessing.
+
+* `sample_indices`: the reference sampling, `np.linspace(0, total - 1, num).astype(int)`, with an
+  optional fps cap (fewer frames for short videos).
+* `read_frames`: decode the sampled frames with decord (one batched `get_batch`), falling back to
+  PyAV when decord cannot read the file. Errors name the file and say what is wrong
+  (`VideoNotFound`, `VideoCorrupt`, `UnsupportedCodec`, `VideoTooShort`).
+* `Preprocessor`: resize + rescale + normalise exactly as transformers' SigLIP image processor
+  with its PIL backend (the processor NVILA / LongVILA used), channels last: float32 [T, S, S, 3].
+
+Videos shorter than the frames asked for: like the reference (LongVILA's uniform `linspace`
+sampling) the indices repeat, so every video yields `num_frames` frames (`short="repeat"`, the
+default). `short="error"` raises `VideoTooShort` instead.
+
+Resampling: PIL's antialiased convolution resize, reimplemented in numpy with PIL's own 8-bit
+fixed-point arithmetic (22-bit coefficients, rounding and clipping between the horizontal and the
+vertical pass), so the resized uint8 frames are bit-identical to `PIL.Image.resize` and Pillow is
+not needed at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHORT_POLICIES = ("repeat", "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class VideoError(Exception):
+    """A video that cannot be used; the message names the file."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the fields when the error crosses a process boundary
+        return type(self), (self.path, self.reason)
+
+
+class VideoNotFound(VideoError):
+    """The file does not exist (or is not a regular file)."""
+
+
+class VideoCorrupt(VideoError):
+    """Empty, truncated or otherwise undecodable file."""
+
+
+class UnsupportedCodec(VideoError):
+    """No video stream, or one whose codec neither decord nor PyAV can decode."""
+
+
+class VideoTooShort(VideoError):
+    """Fewer frames than asked for, with `short="error"`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sampling
+
+
+def num_sampled_frames(total_frames: int, num_frames: int, *, fps: float = 0,
+                       video_fps: float | None = None) -> int:
+    """How many frames to take: `num_frames`, or fewer when `fps > 0` caps the sampling rate.
+
+    With the cap, a video of `total_frames / video_fps` seconds gives at most `floor(seconds *
+    fps)` frames (at least 1). Without a known `video_fps` the cap cannot apply.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if fps and fps > 0 and video_fps and video_fps > 0:
+        seconds = total_frames / float(video_fps)
+        return max(1, min(num_frames, int(math.floor(seconds * fps + 1e-9))))
+    return num_frames
+
+
+def sample_indices(total_frames: int, num_frames: int, *, fps: float = 0,
+                   video_fps: float | None = None) -> np.ndarray:
+    """Uniform frame indices `np.linspace(0, total - 1, n).astype(int)` (int64).
+
+    n = `num_sampled_frames(...)`. When the video has fewer than n frames the indices repeat
+    (the reference behaviour); `read_frames(short="error")` rejects such videos instead.
+    """
+    if total_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got total_frames={total_frames}")
+    n = num_sampled_frames(total_frames, num_frames, fps=fps, video_fps=video_fps)
+    return np.linspace(0, total_frames - 1, n).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the first video stream."""
+    num_frames: int     # 0 when the container does not say
+    fps: float          # average frame rate, 0 when unknown
+    width: int
+    height: int
+    codec: str          # decoder name, "" when FFmpeg has none for it
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoNotFound(path, "file not found")
+    if not path.is_file():
+        raise VideoNotFound(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise VideoCorrupt(path, "empty file (0 bytes)")
+
+
+def probe(path) -> VideoInfo:
+    """Read the header with PyAV; raise a `VideoError` naming the file when it is unusable."""
+    import av
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise VideoCorrupt(path, f"cannot open as a video container ({e})") from e
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise UnsupportedCodec(path, f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None:
+            tag = _codec_tag(path)
+            raise UnsupportedCodec(path, "no decoder for the video codec"
+                                   + (f" (fourcc {tag!r})" if tag else ""))
+        rate = stream.average_rate or stream.guessed_rate or 0
+        return VideoInfo(num_frames=int(stream.frames or 0), fps=float(rate), width=ctx.width,
+                         height=ctx.height, codec=ctx.name)
+
+
+def _codec_tag(path: Path) -> str:
+    """The sample-entry fourcc of an mp4/mov video track ('' if not found): for error messages."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return ""
+    at = head.find(b"stsd")
+    if at < 0 or len(head) < at + 20:
+        return ""
+    tag = head[at + 16:at + 20]
+    return tag.decode("latin-1") if all(32 <= b < 127 for b in tag) else ""
+
+
+def _read_decord(path: Path, num_frames: int, fps: float, short: str, threads: int):
+    import decord
+
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+    total = len(vr)
+    if total < 1:
+        raise VideoCorrupt(path, "no decodable frames")
+    idx = _indices(path, total, num_frames, fps, vr.get_avg_fps(), short)
+    return vr.get_batch(idx.tolist()).asnumpy(), idx
+
+
+def _read_pyav(path: Path, num_frames: int, fps: float, short: str):
+    """Sequential decode keeping only the sampled frames (memory: the sampled frames only)."""
+    import av
+
+    info = probe(path)
+    total = info.num_frames or _count_packets(path)
+    if total < 1:
+        raise VideoCorrupt(path, "no frames")
+    idx = _indices(path, total, num_frames, fps, info.fps, short)
+    wanted = {int(i) for i in idx}
+    got: dict[int, np.ndarray] = {}
+    last = int(idx.max())
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    missing = sorted(wanted - got.keys())
+    if missing:
+        raise VideoCorrupt(path, f"the container says {total} frames but frame {missing[0]} "
+                                 f"could not be decoded (truncated file?)")
+    return np.stack([got[int(i)] for i in idx]), idx
+
+
+def _count_packets(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for p in container.demux(stream) if p.size)
+
+
+def _indices(path, total, num_frames, fps, video_fps, short) -> np.ndarray:
+    n = num_sampled_frames(total, num_frames, fps=fps, video_fps=video_fps)
+    if total < n:
+        if short == "error":
+            raise VideoTooShort(path, f"has {total} frames, {n} asked for")
+        log.debug("%s: %d frames < %d asked for; repeating frames", path, total, n)
+    return sample_indices(total, num_frames, fps=fps, video_fps=video_fps)
+
+
+def read_frames(path, num_frames: int, fps: float = 0, *, short: str = "repeat",
+                threads: int = 1, return_indices: bool = False):
+    """Decode `num_frames` uniformly sampled frames -> uint8 [T, H, W, 3] (RGB).
+
+    decord first (batched `get_batch`), PyAV when decord fails. `fps > 0` caps the sampling rate
+    (T may then be < num_frames). `short`: "repeat" (reference: linspace indices repeat when the
+    video has fewer frames) or "error" (`VideoTooShort`). Raises a `VideoError` subclass naming
+    the file: `VideoNotFound`, `VideoCorrupt` (empty / truncated / garbage), `UnsupportedCodec`.
+    With `return_indices`, returns (frames, indices).
+    """
+    if short not in SHORT_POLICIES:
+        raise ValueError(f"short must be one of {SHORT_POLICIES}, got {short!r}")
+    path = Path(path)
+    _check_file(path)
+    try:
+        frames, idx = _read_decord(path, num_frames, fps, short, threads)
+    except VideoError:
+        raise
+    except Exception as first:  # decord raises RuntimeError / DECORDError with little detail
+        log.info("decord could not read %s (%s); trying PyAV", path, str(first).strip()[-200:])
+        try:
+            frames, idx = _read_pyav(path, num_frames, fps, short)
+        except VideoError:
+            raise
+        except Exception as second:
+            raise VideoCorrupt(path, f"cannot decode: decord: {_short_msg(first)}; "
+                                     f"PyAV: {_short_msg(second)}") from second
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != len(idx):
+        raise VideoCorrupt(path, f"decoded frames have shape {frames.shape}")
+    return (frames, idx) if return_indices else frames
+
+
+def _short_msg(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[-300:]
+
+
+# ---------------------------------------------------------------------------------------------
+# PIL-exact resize
+
+
+def _bicubic(x):
+    a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def _bilinear(x):
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _box(x):
+    return np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0)
+
+
+def _hamming(x):
+    x = np.abs(x)
+    t = np.where(x == 0, 1.0, x) * np.pi
+    # PIL uses float constants (0.54f, 0.46f) in double arithmetic
+    val = np.sin(t) / t * (float(np.float32(0.54)) + float(np.float32(0.46)) * np.cos(t))
+    return np.where(x == 0, 1.0, np.where(x >= 1.0, 0.0, val))
+
+
+def _lanczos(x):
+    def sinc(v):
+        safe = np.where(v == 0, 1.0, v)
+        return np.where(v == 0, 1.0, np.sin(np.pi * safe) / (np.pi * safe))
+    return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3.0), 0.0)
+
+
+# PIL resample codes (PIL.Image.Resampling) -> (filter, support). NEAREST (0) is not a
+# convolution in PIL and is not supported here.
+PIL_FILTERS = {1: (_lanczos, 3.0), 2: (_bilinear, 1.0), 3: (_bicubic, 2.0), 4: (_box, 0.5),
+               5: (_hamming, 1.0)}
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def resize_coefficients(in_size: int, out_size: int, resample: int = 3):
+    """PIL's `precompute_coeffs` + `normalize_coeffs_8bpc`: (first input index [out],
+    fixed-point weights int32 [out, ksize]) for resizing one axis from in_size to out_size."""
+    if resample not in PIL_FILTERS:
+        raise ValueError(f"resample mode {resample} not supported (PIL codes {sorted(PIL_FILTERS)})")
+    fn, support = PIL_FILTERS[resample]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize)
+    w = fn((taps[None, :] + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = np.where(taps[None, :] < xmax[:, None], w, 0.0)
+    total = np.cumsum(w, axis=1)[:, -1:]          # sequential sum, as PIL's loop
+    w = np.where(total != 0.0, w / np.where(total == 0.0, 1.0, total), w)
+    fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
+    return xmin, fixed
+
+
+def _resample_axis(img: np.ndarray, axis: int, out_size: int, resample: int) -> np.ndarray:
+    """One PIL pass over `axis` of a uint8 array: fixed-point accumulate, round, clip to uint8."""
+    in_size = img.shape[axis]
+    xmin, coef = resize_coefficients(in_size, out_size, resample)
+    taps = coef.shape[1]
+    shape = [1] * img.ndim
+    shape[axis] = out_size
+    acc = np.full(img.shape[:axis] + (out_size,) + img.shape[axis + 1:], 1 << (_PRECISION_BITS - 1),
+                  dtype=np.int32)
+    for k in range(taps):
+        src = np.minimum(xmin + k, in_size - 1)   # taps past the edge have weight 0
+        acc += np.take(img, src, axis=axis).astype(np.int32) * coef[:, k].reshape(shape)
+    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def pil_resize(frames: np.ndarray, height: int, width: int, resample: int = 3, *,
+               backend: str = "auto") -> np.ndarray:
+    """uint8 [..., H, W, C] -> uint8 [..., height, width, C], equal to `PIL.Image.resize(
+    (width, height), resample)` per image.
+
+    backend: "numpy" (the reimplementation: Pillow >= 10's pass order, horizontal first unless
+    the height shrinks more than twice as much as the width), "pil" (Pillow itself, ~10x faster),
+    "auto" (Pillow when installed, else numpy). Both give identical bytes (tested).
+    """
+    if frames.dtype != np.uint8:
+        raise TypeError(f"pil_resize takes uint8 frames, got {frames.dtype}")
+    if backend == "auto":
+        backend = "pil" if _have_pil() else "numpy"
+    if backend == "pil":
+        return _pil_resize_pillow(frames, height, width, resample)
+    if backend != "numpy":
+        raise ValueError(f"backend must be 'auto', 'pil' or 'numpy', got {backend!r}")
+    h_axis, w_axis = frames.ndim - 3, frames.ndim - 2
+    in_h, in_w = frames.shape[h_axis], frames.shape[w_axis]
+    horizontal_first = not (in_h - height > 0 and in_h - height > (in_w - width) * 2)
+    passes = [(w_axis, width), (h_axis, height)]
+    if not horizontal_first:
+        passes.reverse()
+    out = frames
+    for axis, size in passes:
+        if out.shape[axis] != size:
+            out = _resample_axis(out, axis, size, resample)
+    return out
+
+
+def _have_pil() -> bool:
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pil_resize_pillow(frames: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    from PIL import Image
+
+    lead = frames.shape[:-3]
+    flat = frames.reshape((-1,) + frames.shape[-3:])
+    out = np.empty((flat.shape[0], height, width, flat.shape[-1]), np.uint8)
+    for i, img in enumerate(flat):
+        if img.shape[:2] == (height, width):
+            out[i] = img
+        else:
+            out[i] = np.asarray(Image.fromarray(img).resize((width, height), resample=resample))
+    return out.reshape(lead + out.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP preprocessing
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+    """Resize + rescale + normalise like SiglipImageProcessor; uint8 [T,H,W,3] -> float32
+    [T, height, width, 3] (channels last, what `VLM.encode_video` takes)."""
+    height: int
+    width: int
+    resample: int = 3                          # PIL.Image.Resampling.BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize_backend: str = "auto"               # see `pil_resize`
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> Preprocessor:
+        """From a preprocessor_config.json dict (SiglipImageProcessor fields)."""
+        size = cfg.get("size", {"height": 224, "width": 224})
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if "height" not in size or "width" not in size:
+            raise ValueError(f"preprocessor size {size} is not supported: SigLIP resizes to a fixed "
+                             f"{{'height', 'width'}}")
+        mean = cfg.get("image_mean", (0.5, 0.5, 0.5))
+        std = cfg.get("image_std", (0.5, 0.5, 0.5))
+        mean = (mean,) * 3 if isinstance(mean, (int, float)) else tuple(mean)
+        std = (std,) * 3 if isinstance(std, (int, float)) else tuple(std)
+        return cls(height=int(size["height"]), width=int(size["width"]),
+                   resample=int(cfg.get("resample", 3)), do_resize=bool(cfg.get("do_resize", True)),
+                   do_rescale=bool(cfg.get("do_rescale", True)),
+                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+                   do_normalize=bool(cfg.get("do_normalize", True)),
+                   image_mean=tuple(float(m) for m in mean), image_std=tuple(float(s) for s in std))
+
+    @classmethod
+    def from_pretrained(cls, folder) -> Preprocessor:
+        """From `folder/preprocessor_config.json`; `folder` may be a vision_tower folder or a
+        VILA checkpoint folder holding `vision_tower/`."""
+        folder = Path(folder)
+        for cand in (folder / "preprocessor_config.json",
+                     folder / "vision_tower" / "preprocessor_config.json"):
+            if cand.is_file():
+                try:
+                    return cls.from_dict(json.loads(cand.read_text()))
+                except (json.JSONDecodeError, ValueError) as e:
+                    raise ValueError(f"{cand}: {e}") from e
+        raise FileNotFoundError(f"no preprocessor_config.json in {folder} or {folder / 'vision_tower'}")
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> Preprocessor:
+        """NVILA's settings for a tower of `image_size` px (`lvr_jax.weights.hf.preprocessor_config`)."""
+        from lvr_jax.weights.hf import preprocessor_config
+        return cls.from_dict(preprocessor_config(image_size))
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
+        if frames.dtype != np.uint8:
+            raise TypeError(f"frames must be uint8, got {frames.dtype}")
+        x = frames
+        if self.do_resize:
+            x = pil_resize(x, self.height, self.width, self.resample, backend=self.resize_backend)
+        if self.do_rescale:   # transformers: float64 multiply, then float32
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if self.do_normalize:  # transformers: float32 (x - mean) / std
+            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+

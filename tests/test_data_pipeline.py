@@ -1,0 +1,387 @@
+"""Prompts, record validation, the grain pipeline (determinism, shards, resume, bad input)."""
+
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+
+from lvr_jax.data import prompts, synthetic
+from lvr_jax.data.dataset import (DataConfig, Record, RecordError, SkipLog, load_records,
+                                  make_iter_dataset, num_batches, parse_record, resolve_video)
+from lvr_jax.data.video import Preprocessor
+
+IMAGE_SIZE = 28
+
+
+def _seed():
+    return int(np.random.SeedSequence().entropy % (2 ** 31))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from lvr_jax.weights.hf import load_tokenizer
+    from lvr_jax.weights.tiny import make_tokenizer
+    folder = tmp_path_factory.mktemp("tok")
+    make_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """12 synthetic train items (16 frames, 32 px) with a fresh seed."""
+    root = tmp_path_factory.mktemp("synth")
+    synthetic.generate_split(root, "train", 12, num_frames=16, size=32, seed=_seed())
+    return root
+
+
+@pytest.fixture(scope="module")
+def records(data_root):
+    return load_records(data_root / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pre():
+    return Preprocessor.for_image_size(IMAGE_SIZE)
+
+
+def _cfg(root, **kw):
+    base = dict(root=str(root), num_frames=4, batch_size=2, seed=_seed())
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _run(records, cfg, tok, pre, **shard):
+    shard = shard or dict(shard_index=0, shard_count=1)
+    it = iter(make_iter_dataset(records, cfg, tok, pre, **shard))
+    try:
+        return list(it), it.skipped
+    finally:
+        it.close()
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_video_token_matches_weights_module():
+    from lvr_jax.weights.hf import VIDEO_TOKEN
+    assert prompts.VIDEO_TOKEN == VIDEO_TOKEN
+
+
+def test_rl_prompt(tokenizer):
+    rng = np.random.default_rng(_seed())
+    opts = [f"option {w}" for w in rng.choice(["red", "blue", "cube", "ball", "left"], 4, replace=False)]
+    q = prompts.format_question("Which happened first?", opts)
+    ids = prompts.rl_prompt_ids(tokenizer, q)
+    text = tokenizer.decode(ids)
+    vid = tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN)
+    assert ids.dtype == np.int32 and int((ids == vid).sum()) == 1
+    assert text.startswith("<|im_start|>user\n<vila/video>\nWhich happened first?\nA. " + opts[0])
+    assert text.index(prompts.VIDEO_TOKEN) < text.index("Which happened first?")
+    assert "<think>" in text and "<answer>" in text        # the reasoning instruction
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="already contains"):
+        prompts.rl_prompt_ids(tokenizer, "look <vila/video> here")
+
+
+def test_sft_mask_covers_exactly_the_reply(tokenizer):
+    rng = np.random.default_rng(_seed())
+    letter = str(rng.choice(list("ABCD")))
+    reply = prompts.reasoning_response(f"the ball moves {int(rng.integers(2, 9))} times", letter)
+    assert re.fullmatch(rf"<think> .+ </think> <answer> {letter} </answer>", reply)
+    q = prompts.format_question("How many moves?", ["1", "2", "3", "4"])
+    ids, mask = prompts.sft_ids_and_mask(tokenizer, q, reply)
+    prompt = prompts.rl_prompt_ids(tokenizer, q)
+    assert len(ids) == len(mask) and mask.dtype == np.int32
+    np.testing.assert_array_equal(ids[:len(prompt)], prompt)
+    assert mask[:len(prompt)].sum() == 0
+    assert tokenizer.decode(ids[mask == 1]) == reply + "<|im_end|>"
+    on = np.nonzero(mask)[0]
+    assert np.all(np.diff(on) == 1)                       # one contiguous span
+    assert tokenizer.decode(ids[on[-1] + 1:]) == "\n"     # the template's trailing newline: no loss
+
+
+def test_expand_video_mask(tokenizer):
+    q = prompts.format_question("Q?", ["a", "b"])
+    ids, mask = prompts.sft_ids_and_mask(tokenizer, q, prompts.reasoning_response("r", "A"))
+    vid = tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN)
+    t, per = int(np.random.default_rng(_seed()).integers(1, 9)), 17
+    full = prompts.expand_video_mask(ids, mask, vid, t * per)
+    assert len(full) == prompts.expanded_length(len(ids), t, per)
+    p = int(np.nonzero(ids == vid)[0][0])
+    assert full[p:p + t * per].sum() == 0 and full.sum() == mask.sum()
+    np.testing.assert_array_equal(full[p + t * per:], mask[p + 1:])
+
+
+@pytest.mark.parametrize("text,letter", [("<answer>B</answer>", "B"), ("<answer> c </answer>", "C"),
+                                         ("D", "D"), ("(A)", "A"), ("B.", "B"),
+                                         ("<think> x </think> <answer> A </answer>", "A")])
+def test_answer_letter(text, letter):
+    assert prompts.answer_letter(text) == letter
+
+
+def test_answer_letter_rejects():
+    for bad in ["", "maybe", "<answer></answer>", "AB"]:
+        with pytest.raises(ValueError):
+            prompts.answer_letter(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def _reason_obj(pid="p1", **kw):
+    obj = {"problem_id": pid, "videos": "v/a.mp4", "problem": "Q?\nA. x\nB. y\nC. z\nD. w",
+           "problem_type": "temporal", "reasoning": "because", "answer": "<answer>C</answer>"}
+    obj.update(kw)
+    return obj
+
+
+def test_parse_both_forms():
+    r = parse_record(_reason_obj(), "f.jsonl:3")
+    assert (r.problem_id, r.video, r.answer, r.category, r.source) == ("p1", "v/a.mp4", "C",
+                                                                       "temporal", "f.jsonl:3")
+    b = parse_record({"question": "Which?", "options": ["red", "blue", "green"], "answer": "B",
+                      "category": "spatial", "video": "x.mp4", "id": 7}, "g.jsonl:1")
+    assert b.question == "Which?\nA. red\nB. blue\nC. green" and b.answer == "B"
+    assert (b.problem_id, b.category) == ("7", "spatial")
+
+
+@pytest.mark.parametrize("field", ["problem_id", "videos", "problem", "answer"])
+def test_missing_field_names_the_record(tmp_path, field):
+    good = [_reason_obj(f"p{i}") for i in range(3)]
+    bad = _reason_obj("bad-one")
+    del bad[field]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(o) for o in good[:2] + [bad] + good[2:]) + "\n")
+    with pytest.raises(RecordError, match=rf"d.jsonl:3\b.*{field}") as e:
+        load_records(path)
+    if field != "problem_id":
+        assert "bad-one" in str(e.value)
+    skips = SkipLog()
+    recs = load_records(path, on_error="skip", skips=skips)
+    assert [r.problem_id for r in recs] == ["p0", "p1", "p2"] and skips.count == 1
+    assert "d.jsonl:3" in skips.recent[0]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "invalid JSON"),
+    (json.dumps(_reason_obj(answer="<answer>F</answer>")), "not one of the options"),
+    (json.dumps(_reason_obj(answer="perhaps")), "option letter"),
+    (json.dumps(_reason_obj(reasoning="<think> x </think> <answer> A </answer>")), "answers 'A'"),
+    (json.dumps({"question": "Q", "options": ["only one"], "answer": "A", "video": "a.mp4"}),
+     "at least 2"),
+    (json.dumps([1, 2]), "JSON object"),
+])
+def test_bad_records(tmp_path, line, msg):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(_reason_obj("ok")) + "\n\n" + line + "\n")
+    with pytest.raises(RecordError, match=rf"bad.jsonl:3.*{msg}"):
+        load_records(path)
+
+
+def test_duplicate_ids_and_sft_needs_reasoning(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_reason_obj("same")) + "\n" + json.dumps(_reason_obj("same")) + "\n")
+    with pytest.raises(RecordError, match="d.jsonl:2.*duplicate.*d.jsonl:1"):
+        load_records(path)
+    path.write_text(json.dumps(_reason_obj("x", reasoning="")) + "\n")
+    assert len(load_records(path)) == 1
+    with pytest.raises(RecordError, match="reasoning"):
+        load_records(path, need_reasoning=True)
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../outside.mp4", "a/../../b.mp4", "C:\\x.mp4",
+                                 "~/x.mp4", ""])
+def test_paths_escaping_the_root_are_rejected(tmp_path, rel):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_reason_obj("esc", videos=rel)) + "\n")
+    with pytest.raises(RecordError, match=r"d.jsonl:1 \(problem_id 'esc'\)"):
+        load_records(path)
+
+
+def test_symlink_out_of_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "v.mp4").write_bytes(b"x")
+    (root / "link").symlink_to(outside)
+    (root / "ok").mkdir()
+    assert resolve_video(root, "ok/v.mp4") == (root / "ok" / "v.mp4").resolve()
+    with pytest.raises(RecordError, match="outside the dataset root"):
+        resolve_video(root, "link/v.mp4", "d.jsonl:4", "sym")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def test_batches_content(records, tokenizer, pre):
+    cfg = _cfg(records[0].source.rsplit("/", 1)[0], mode="sft", num_frames=5)
+    batches, skipped = _run(records, cfg, tokenizer, pre)
+    assert skipped == 0 and len(batches) == num_batches(len(records), cfg) == 6
+    b = batches[0]
+    assert b["frames"].shape == (2, 5, IMAGE_SIZE, IMAGE_SIZE, 3) and b["frames"].dtype == np.float32
+    assert -1.0 <= b["frames"].min() < b["frames"].max() <= 1.0
+    assert b["input_ids"].shape == b["loss_mask"].shape == b["attention_mask"].shape
+    for i in range(2):
+        n = b["length"][i]
+        assert b["attention_mask"][i].sum() == n and b["loss_mask"][i, n:].sum() == 0
+        rec = records[int(b["index"][i])]
+        assert b["problem_id"][i] == rec.problem_id and b["answer"][i] == rec.answer
+        reply = tokenizer.decode(b["input_ids"][i][b["loss_mask"][i] == 1])
+        assert reply == rec.reasoning + "<|im_end|>"
+    seen = np.concatenate([x["index"] for x in batches])
+    assert sorted(seen.tolist()) == list(range(len(records)))
+
+
+def test_deterministic_for_a_seed(records, tokenizer, pre, data_root):
+    seed = _seed()
+    a, _ = _run(records, _cfg(data_root, seed=seed), tokenizer, pre)
+    b, _ = _run(records, _cfg(data_root, seed=seed), tokenizer, pre)
+    _same_batches(a, b)
+    c, _ = _run(records, _cfg(data_root, seed=seed + 1), tokenizer, pre)
+    order = lambda bs: np.concatenate([x["index"] for x in bs]).tolist()  # noqa: E731
+    assert order(a) != order(c) and sorted(order(a)) == sorted(order(c))
+
+
+@pytest.mark.parametrize("n_records,drop", [(12, True), (11, True), (11, False)])
+def test_shards_disjoint_and_cover(records, tokenizer, pre, data_root, n_records, drop):
+    recs = records[:n_records]
+    cfg = _cfg(data_root, batch_size=1, drop_remainder=drop)
+    parts = []
+    for i in range(2):
+        batches, _ = _run(recs, cfg, tokenizer, pre, shard_index=i, shard_count=2)
+        parts.append(np.concatenate([b["index"] for b in batches]).tolist())
+    assert not set(parts[0]) & set(parts[1])
+    union = set(parts[0]) | set(parts[1])
+    if drop:   # equal shards; at most shard_count - 1 records left out per epoch
+        assert len(parts[0]) == len(parts[1]) == n_records // 2
+        assert len(union) == n_records - n_records % 2
+    else:
+        assert union == set(range(n_records))
+
+
+def test_epochs_reshuffle(records, tokenizer, pre, data_root):
+    batches, _ = _run(records, _cfg(data_root, batch_size=3, num_epochs=2), tokenizer, pre)
+    order = np.concatenate([b["index"] for b in batches]).tolist()
+    n = len(records)
+    assert len(order) == 2 * n
+    assert sorted(order[:n]) == sorted(order[n:]) == list(range(n)) and order[:n] != order[n:]
+
+
+def test_resume_from_saved_state(records, tokenizer, pre, data_root):
+    cfg = _cfg(data_root, num_epochs=2, batch_size=3)
+    ds = make_iter_dataset(records, cfg, tokenizer, pre, shard_index=0, shard_count=1)
+    it = iter(ds)
+    k = int(np.random.default_rng(_seed()).integers(1, 7))
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))       # survives a JSON checkpoint
+    rest = list(it)
+    fresh = iter(ds)
+    fresh.set_state(state)
+    _same_batches(list(fresh), rest)
+    assert len(rest) == 2 * len(records) // 3 - k
+
+
+def _break_some(tmp_path, data_root, records):
+    """Copies of the records pointing at bad videos: missing, empty, garbage, unsupported codec,
+    too short (4 frames < 6 asked with short_video="error"). Returns (records, bad problem ids)."""
+    bad_dir = data_root / "bad"
+    bad_dir.mkdir(exist_ok=True)
+    good = (data_root / records[0].video).read_bytes()
+    (bad_dir / "empty.mp4").write_bytes(b"")
+    (bad_dir / "garbage.mp4").write_bytes(np.random.default_rng(_seed()).integers(
+        0, 256, 3000, dtype=np.uint8).tobytes())
+    (bad_dir / "codec.mp4").write_bytes(good.replace(b"avc1", b"zzzz"))
+    synthetic.write_video(bad_dir / "short.mp4", np.full((4, 32, 32, 3), 99, np.uint8))
+    kinds = {"missing": "bad/none.mp4", "empty": "bad/empty.mp4", "garbage": "bad/garbage.mp4",
+             "codec": "bad/codec.mp4", "short": "bad/short.mp4"}
+    out = list(records)
+    for j, (kind, rel) in enumerate(kinds.items()):
+        src = records[j]
+        out.append(Record(f"bad-{kind}", rel, src.question, src.answer, src.category, src.reasoning,
+                          f"{tmp_path}/bad.jsonl:{j + 1}"))
+    return out, {f"bad-{k}": k for k in kinds}
+
+
+@pytest.mark.parametrize("kind,reason", [("missing", "not found"), ("empty", "empty"),
+                                         ("garbage", "cannot"), ("codec", "codec"),
+                                         ("short", "4 frames, 6 asked")])
+def test_bad_video_raises_naming_the_record(tmp_path, records, tokenizer, pre, data_root, kind, reason):
+    recs, bad = _break_some(tmp_path, data_root, records)
+    one = [r for r in recs if r.problem_id == f"bad-{kind}"] + recs[:3]
+    cfg = _cfg(data_root, num_frames=6, short_video="error", batch_size=1, shuffle=False)
+    with pytest.raises(RecordError, match=rf"bad.jsonl:\d \(problem_id 'bad-{kind}'\).*{reason}"):
+        _run(one, cfg, tokenizer, pre)
+
+
+def test_bad_videos_skipped_and_counted(tmp_path, records, tokenizer, pre, data_root, caplog):
+    recs, bad = _break_some(tmp_path, data_root, records)
+    cfg = _cfg(data_root, num_frames=6, short_video="error", on_error="skip", batch_size=2,
+               drop_remainder=False)
+    with caplog.at_level(logging.WARNING, logger="lvr_jax.data.dataset"):
+        batches, skipped = _run(recs, cfg, tokenizer, pre)
+    assert skipped == len(bad)
+    seen = np.concatenate([b["problem_id"] for b in batches]).tolist()
+    assert sorted(seen) == sorted(r.problem_id for r in records)    # every good record, once
+    logged = caplog.text
+    assert all(pid in logged for pid in bad)
+    # the short video is fine under the reference policy (frames repeat)
+    ok, skipped = _run(recs, DataConfig(**{**cfg.__dict__, "short_video": "repeat"}), tokenizer, pre)
+    assert skipped == len(bad) - 1
+
+
+def test_skip_gives_up_when_everything_fails(tmp_path, records, tokenizer, pre, data_root):
+    recs, bad = _break_some(tmp_path, data_root, records)
+    only_bad = [r for r in recs if r.problem_id in bad]
+    cfg = _cfg(data_root, on_error="skip", num_epochs=None, max_consecutive_skips=7)
+    with pytest.raises(RuntimeError, match="7 records in a row failed"):
+        _run(only_bad, cfg, tokenizer, pre)
+
+
+def test_worker_processes(tmp_path, records, tokenizer, pre, data_root):
+    """2 decoding processes: same batches as in-process, exact resume, errors name the record."""
+    cfg = _cfg(data_root, batch_size=2, num_epochs=2)
+    ref, _ = _run(records, cfg, tokenizer, pre)
+    wcfg = DataConfig(**{**cfg.__dict__, "num_workers": 2})
+    ds = make_iter_dataset(records, wcfg, tokenizer, pre, shard_index=0, shard_count=1)
+    it = iter(ds)
+    k = int(np.random.default_rng(_seed()).integers(1, len(ref) - 1))
+    head = [next(it) for _ in range(k)]
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    _same_batches(head, ref[:k])
+    fresh = iter(ds)
+    fresh.set_state(state)
+    try:
+        _same_batches(list(fresh), ref[k:])
+    finally:
+        fresh.close()
+    recs, _ = _break_some(tmp_path, data_root, records)
+    bad_first = [r for r in recs if r.problem_id == "bad-garbage"] + records[:3]
+    with pytest.raises(RecordError, match=r"problem_id 'bad-garbage'.*garbage.mp4"):
+        _run(bad_first, DataConfig(**{**wcfg.__dict__, "shuffle": False, "num_workers": 1}),
+             tokenizer, pre)
+
+
+def test_default_shard_is_the_jax_process(records, tokenizer, pre, data_root):
+    import jax
+
+    from lvr_jax.data.dataset import default_shard
+    assert default_shard() == (jax.process_index(), jax.process_count())
+    with pytest.raises(ValueError, match="both"):
+        make_iter_dataset(records, _cfg(data_root), tokenizer, pre, shard_index=0)
+    it = iter(make_iter_dataset(records, _cfg(data_root, batch_size=1), tokenizer, pre))
+    assert sorted(int(b["index"][0]) for b in it) == list(range(len(records)))

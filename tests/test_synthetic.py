@@ -1,0 +1,178 @@
+"""The synthetic long-video reasoning set: reproducible, balanced, answerable from sampled frames."""
+
+import collections
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from lvr_jax.data import synthetic
+from lvr_jax.data.dataset import load_records
+from lvr_jax.data.video import read_frames, sample_indices
+
+
+def _seed():
+    return int(np.random.SeedSequence().entropy % (2 ** 31))
+
+
+def _digest(folder):
+    """sha256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def seed():
+    return _seed()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, seed):
+    out = tmp_path_factory.mktemp("synth")
+    paths = synthetic.generate_dataset(out, num_train=22, num_val=5, num_test=10, num_frames=16,
+                                       size=32, seed=seed)
+    return out, paths
+
+
+def test_reproducible_for_a_seed(tmp_path, dataset, seed):
+    out, _ = dataset
+    again = tmp_path / "again"
+    synthetic.generate_dataset(again, num_train=22, num_val=5, num_test=10, num_frames=16, size=32,
+                               seed=seed, workers=2)      # worker processes: same bytes
+    assert _digest(out) == _digest(again)
+    other = tmp_path / "other"
+    synthetic.generate_dataset(other, num_train=22, num_val=5, num_test=10, num_frames=16, size=32,
+                               seed=seed + 1)
+    assert (other / "train.jsonl").read_text() != (out / "train.jsonl").read_text()
+
+
+def test_records_load_in_both_forms(dataset):
+    out, paths = dataset
+    assert set(paths) == {"train", "val", "test"}
+    train = load_records(paths["train"], need_reasoning=True)
+    test = load_records(paths["test"], need_reasoning=True)
+    assert len(train) == 22 and len(test) == 10
+    raw_test = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    assert all({"question", "options", "answer", "category"} <= set(r) for r in raw_test)
+    raw_train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert all({"problem_id", "videos", "problem", "problem_type", "reasoning", "answer"} <= set(r)
+               for r in raw_train)
+    for rec in train + test:
+        assert (out / rec.video).is_file()
+        assert rec.category in synthetic.CATEGORIES
+        m = re.fullmatch(r"<think> (.+) </think> <answer> ([A-D]) </answer>", rec.reasoning, re.S)
+        assert m and m.group(2) == rec.answer and f"option {rec.answer}" in m.group(1)
+        assert len(re.findall(r"^[A-D]\. ", rec.question, re.M)) == 4
+
+
+def test_answers_and_question_types_balanced(dataset):
+    _, paths = dataset
+    for split, path in paths.items():
+        recs = load_records(path)
+        for counts, k in [(collections.Counter(r.answer for r in recs), 4),
+                          (collections.Counter(json.loads(line)["qtype"]
+                                               for line in path.read_text().splitlines()), 5)]:
+            assert len(counts) == min(k, len(recs)), (split, counts)
+            assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
+
+
+def test_options_distinct_and_correct_one_named_in_reasoning(dataset):
+    _, paths = dataset
+    for line in paths["test"].read_text().splitlines():
+        r = json.loads(line)
+        assert len(set(r["options"])) == 4
+        correct = r["options"]["ABCD".index(r["answer"])]
+        assert correct.removeprefix("the ").split(" moved")[0] in r["reasoning"]
+
+
+def test_events_span_several_sampled_frames(dataset):
+    _, paths = dataset
+    idx = sample_indices(16, 16)
+    for line in paths["train"].read_text().splitlines():
+        r = json.loads(line)
+        for t0, t1, _ in r["timeline"]:
+            assert t1 - t0 >= 2 and ((idx >= t0) & (idx < t1)).sum() >= 2, r["timeline"]
+    big = synthetic.q_count(np.random.default_rng(_seed()), 1000, 32)
+    coverage = [((sample_indices(1000, 16) >= a) & (sample_indices(1000, 16) < b)).sum()
+                for a, b, _ in big.timeline]
+    assert min(coverage) >= 2
+
+
+def _dominant_colors(frames, background):
+    """Per frame, the palette colour nearest to the pixels that differ from the background."""
+    names = list(synthetic.COLORS)
+    palette = np.asarray([synthetic.COLORS[n] for n in names], np.float32)
+    out = []
+    for f in frames.astype(np.float32):
+        fg = f[np.abs(f - background).sum(-1) > 90]
+        if len(fg) == 0:
+            out.append(None)
+            continue
+        d = ((fg[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
+        out.append(names[np.bincount(d, minlength=len(names)).argmax()])
+    return out
+
+
+def _background(frames):
+    """The most frequent colour of the video (shapes cover a small part of each frame)."""
+    q = frames.reshape(-1, 3) // 8
+    vals, counts = np.unique(q, axis=0, return_counts=True)
+    return vals[counts.argmax()].astype(np.float32) * 8 + 4
+
+
+def _centroid_cell(frame, color):
+    """The 3x3 grid cell (name) holding the pixels close to `color`."""
+    d = np.abs(frame.astype(np.float32) - np.asarray(synthetic.COLORS[color], np.float32)).sum(-1)
+    rows, cols = np.nonzero(d < 90)
+    size = frame.shape[0]
+    cell = (int(rows.mean() * 3 // size), int(cols.mean() * 3 // size))
+    return synthetic.CELL_NAMES[cell]
+
+
+def test_video_shows_the_answer(dataset):
+    """Decode 16 uniformly sampled frames and read the answer back from the pixels."""
+    out, paths = dataset
+    checked = collections.Counter()
+    for path in paths.values():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            frames = read_frames(out / r["videos"], 16)
+            if r["qtype"] in ("order", "after", "count"):   # the event sequence, by colour
+                seen = [c for c in _dominant_colors(frames, _background(frames)) if c]
+                collapsed = [c for i, c in enumerate(seen) if i == 0 or c != seen[i - 1]]
+                assert collapsed == [ev[2].split()[0] for ev in r["timeline"]], r["problem_id"]
+            elif r["qtype"] == "move":                         # start and end cell of the mover
+                m = re.fullmatch(r"(\w+) \w+ moves (.+) -> (.+)", r["timeline"][0][2])
+                color, start, end = m.groups()
+                assert _centroid_cell(frames[0], color) == start, r["problem_id"]
+                assert _centroid_cell(frames[-1], color) == end, r["problem_id"]
+            else:                                              # the ball ends on the goal corner
+                corner = re.search(r"ends on the \w+ target at the ([\w ]+)\.", r["reasoning"]).group(1)
+                assert _centroid_cell(frames[-1], "white") == corner, r["problem_id"]
+            checked[r["qtype"]] += 1
+    assert set(checked) == set(synthetic.QTYPES), checked
+
+
+def test_frame_range_and_size_checked(tmp_path):
+    with pytest.raises(ValueError, match="frames"):
+        synthetic.generate_split(tmp_path, "train", 1, num_frames=8)
+    with pytest.raises(ValueError, match="even"):
+        synthetic.generate_split(tmp_path, "train", 1, num_frames=16, size=33)
+
+
+def test_cli(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_synthetic", "launch/make_synthetic.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--out", str(tmp_path / "d"), "--num_train", "3", "--num_val", "1", "--num_test", "2",
+              "--frames", "16", "--size", "28", "--seed", str(_seed())])
+    assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "d" / "test.jsonl").read_text().splitlines()) == 2
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["size"] == 28 and meta["frames"] == 16
+    assert read_frames(tmp_path / "d" / "videos" / "val" / "val-00000.mp4", 4).shape == (4, 28, 28, 3)
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "e"), "--frames", "2048"])
