@@ -32,3 +32,24 @@ def init_distributed() -> None:
         jax.distributed.initialize()   # SLURM auto-detection
     print(f"[launch] process {jax.process_index()}/{jax.process_count()}, "
           f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+
+
+def train_main(stage: str) -> None:
+    """The body of launch/train_{stage}.py: config + workdir (+ export) flags, then train."""
+    cpu_devices()
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/demo.py"),
+                                             "training config")
+    workdir = flags.DEFINE_string("workdir", f"runs/{stage}", "checkpoints, metrics, traces")
+    export = flags.DEFINE_string("export", "", "also write the final model as a VILA/HF folder")
+
+    def main(_):
+        init_distributed()
+        from lvr_jax.train import trainer
+        run = getattr(trainer, f"train_{stage}")(config.value, workdir.value)
+        if export.value:
+            trainer.export(run, export.value)
+
+    app.run(main)

@@ -205,25 +205,28 @@ def _dtypes(dtype, param_dtype):
     return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or jnp.float32))
 
 
-def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
-    """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config)."""
+def _load_plain(path, config_cls, module_cls, parts_fn, *, mesh, dtype, param_dtype, rules,
+                remat):
+    """A plain HF folder (config.json + safetensors) -> (module, config)."""
     path = Path(path)
     dt = _dtypes(dtype, param_dtype)
-    cfg = Qwen2Config.from_hf(read_json(path / "config.json"), remat=remat, **dt)
-    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    src, specs = _llm_parts(path, cfg)
+    cfg = config_cls.from_hf(read_json(path / "config.json"), remat=remat, **dt)
+    model = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
+    src, specs = parts_fn(path, cfg)
     return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
+
+
+def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
+    """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config)."""
+    return _load_plain(path, Qwen2Config, Qwen2, _llm_parts, mesh=mesh, dtype=dtype,
+                       param_dtype=param_dtype, rules=rules, remat=remat)
 
 
 def load_vision_tower(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None,
                       remat=False):
     """Load a plain HF SigLIP vision folder -> (SiglipVision, SiglipConfig)."""
-    path = Path(path)
-    dt = _dtypes(dtype, param_dtype)
-    cfg = SiglipConfig.from_hf(read_json(path / "config.json"), remat=remat, **dt)
-    model = nnx.eval_shape(lambda: SiglipVision(cfg, rngs=nnx.Rngs(0)))
-    src, specs = _vision_parts(path, cfg)
-    return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
+    return _load_plain(path, SiglipConfig, SiglipVision, _vision_parts, mesh=mesh, dtype=dtype,
+                       param_dtype=param_dtype, rules=rules, remat=remat)
 
 
 def _subfolder(path: Path, name: str) -> Path:
