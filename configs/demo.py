@@ -22,10 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
                            on_error="skip", num_workers=0, max_length=320,
                            system_prompt=None)
 
-    c.optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=10, final_lr_fraction=0.1,
+    c.optim = ml_collections.ConfigDict(dict(lr=3e-4, warmup_steps=5, final_lr_fraction=0.1,
                                              b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0,
                                              grad_accum_steps=1))
-    c.train = ml_collections.ConfigDict(dict(steps=100, seed=0, log_every=10, checkpoint_every=50,
+    c.train = ml_collections.ConfigDict(dict(steps=200, seed=0, log_every=10, checkpoint_every=100,
                                              keep_checkpoints=2, max_nonfinite=5,
                                              freeze_vision=True))
     c.rl = ml_collections.ConfigDict(dict(

@@ -19,7 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.ROOT, "configs/demo.py"),
                                           "demo config (GRPO stage; SFT uses --sft_*)")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where everything goes")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "CoT-SFT steps")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 600, "CoT-SFT steps")
 _SFT_LR = flags.DEFINE_float("sft_lr", 3e-3, "CoT-SFT learning rate")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 400, "synthetic training items")
 _NUM_VAL = flags.DEFINE_integer("num_val", 128, "synthetic validation items")
