@@ -13,8 +13,10 @@ attention and RoPE need; :func:`unzigzag` restores the global order.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def padded_length(length: int, num_shards: int) -> int:
@@ -96,10 +98,7 @@ def shard_sequence(mesh, axis: str, input_embeds, positions, segment_ids=None):
     Returns `(x, pos, seg, where)`: the permuted arrays and `where[i]`, the permuted index of
     original token i (so `x[:, where]` is the original order).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from sharding.ring_attention import _batch_axes
+    from sharding.ring_attention import _batch_axes  # ring_attention imports this module
 
     n = mesh.shape[axis]
     b, length = input_embeds.shape[:2]
@@ -121,8 +120,6 @@ def sequence_parallel_call(model, input_embeds, positions, segment_ids, mesh, ax
     (`ring_attention_fn`), all other ops stay per token. Outputs (logits or hidden states, and
     per-layer K/V when asked) come back in global order, padding dropped.
     """
-    import jax
-
     from sharding.ring_attention import ring_attention_fn
 
     x, pos, seg, where = shard_sequence(mesh, axis, input_embeds, positions, segment_ids)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lvr_jax.data.dataset import DataConfig, load_records, make_iter_dataset
 from lvr_jax.data.video import Preprocessor
+from lvr_jax.eval.video_qa import evaluate, stop_ids, write_report
 from lvr_jax.rl.grpo import filter_groups, group_advantages
 from lvr_jax.rl.rewards import batch_rewards
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
@@ -273,8 +274,10 @@ def make_prompts(model, feats, ids, attn, multiple):
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "multiple", "mesh"))
-def ref_logprobs(ref, feats, ids, attn, responses, temperature, multiple, mesh=None):
-    return steps.group_logprobs(ref, feats, ids, attn, responses, temperature=temperature,
+def logprobs_under(model, feats, ids, attn, responses, temperature, multiple, mesh=None):
+    """log p of the responses under `model` (the reference, or the policy for recomputed old
+    log-probs), prompt run once per group."""
+    return steps.group_logprobs(model, feats, ids, attn, responses, temperature=temperature,
                                 multiple=multiple, mesh=mesh)
 
 
@@ -329,12 +332,12 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
     responses = jnp.asarray(tokens.reshape(-1, g, tokens.shape[1]))
     settings = RLSettings(float(rl.temperature), float(rl.clip_low), float(rl.clip_high),
                           float(rl.beta), str(rl.loss_agg))
-    ref_lp = ref_logprobs(ref, feats, b["input_ids"], b["attention_mask"], responses,
+    ref_lp = logprobs_under(ref, feats, b["input_ids"], b["attention_mask"], responses,
                           settings.temperature, multiple, mesh=run.mesh)
     ref_lp = ref_lp.reshape(tokens.shape)
     old = jnp.asarray(old_lp)
     if rl.recompute_old_logprobs:
-        old = ref_logprobs(run.model, feats, b["input_ids"], b["attention_mask"], responses,
+        old = logprobs_under(run.model, feats, b["input_ids"], b["attention_mask"], responses,
                            settings.temperature, multiple, mesh=run.mesh).reshape(tokens.shape)
     jax.block_until_ready(ref_lp)
     t_logprob = time.perf_counter() - t0 - t_rollout
@@ -361,8 +364,7 @@ def train_grpo(config, workdir) -> Run:
                             dtype=jnp.dtype(config.model.dtype),
                             param_dtype=jnp.dtype(config.model.param_dtype))
     tok = run.tokenizer
-    eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
-                       tok.convert_tokens_to_ids("<|endoftext|>")} if isinstance(i, int) and i >= 0]
+    eos = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     sampler = Sampler(run.model, run.mesh, eos_ids=eos, pad_id=int(pad))
     loop(run, lambda r, b: grpo_step(r, b, ref, sampler), what="grpo")
@@ -380,8 +382,6 @@ def export(run: Run, path) -> Path:
 def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None,
                         limit: int | None = None, name: str = "eval") -> dict:
     """Greedy multiple-choice accuracy of a VILA-layout checkpoint on a split; writes reports."""
-    from lvr_jax.eval.video_qa import evaluate, write_report
-
     mesh = make_mesh(dict(config.mesh))
     model, tok, _ = hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(config.model.dtype))
     split = split or config.eval.split
