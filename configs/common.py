@@ -1,4 +1,5 @@
-"""Model sizes shared by the config files (plain dicts, the fields of the model dataclasses)."""
+"""Pieces shared by the config files: model sizes (plain dicts, the fields of the model
+dataclasses) and `base_config()`, every section a launch script reads, with defaults."""
 
 import ml_collections
 
@@ -42,3 +43,71 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198))
+
+
+STAGES = ("sft", "grpo")
+
+
+def check_stage(stage: str) -> str:
+    """The config-file argument (`--config=configs/x.py:grpo`): "sft" or "grpo"."""
+    stage = stage or "grpo"
+    if stage not in STAGES:
+        raise ValueError(f"config stage must be one of {STAGES} (as in --config=configs/x.py:sft), "
+                         f"got {stage!r}")
+    return stage
+
+
+def base_config(model: ml_collections.ConfigDict, mesh: dict) -> ml_collections.ConfigDict:
+    """A full config: model, mesh, data, optim, train, rl, eval, profile (defaults of both stages;
+    the config files override what differs)."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.init_checkpoint = ""           # VILA-layout folder (HF export) the run starts from
+    c.mesh = dict(mesh)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""                  # dataset root: JSONL files and the videos they name
+    c.data.train_files = ""          # default: <dir>/train.jsonl
+    c.data.val_files = ""            # default: <dir>/val.jsonl
+    # batch_size is the global batch (prompts per step over all processes)
+    c.data.pipeline = dict(root="", num_frames=16, fps=0.0, batch_size=8, seed=0, shuffle=True,
+                           on_error="skip", num_workers=0, max_length=512, system_prompt=None)
+
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, final_lr_fraction=0.1,
+                                             b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0,
+                                             grad_accum_steps=1))
+    c.train = ml_collections.ConfigDict(dict(steps=1000, seed=0, log_every=10,
+                                             checkpoint_every=100, keep_checkpoints=2,
+                                             max_nonfinite=5, freeze_vision=True))
+    c.rl = ml_collections.ConfigDict(dict(
+        group_size=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, clip_low=0.2,
+        clip_high=0.28, beta=0.01, loss_agg="token-mean", filter_groups=False,
+        recompute_old_logprobs=False, accuracy_weight=0.9, format_weight=0.1))
+    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=512, batch_size=8, split="val"))
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
+    return c
+
+
+def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """A LongVILA-R1 training config (SFT or GRPO stage) for one node of 8 GPUs.
+
+    Values follow the reference recipe: GRPO on 256 frames x 257 tokens per frame with G = 8
+    samples, lr 1e-6, sequence parallel over 8 devices (Long-RL's example script uses 256 frames
+    and Ulysses 4); CoT-SFT at lr 1e-5. Set data.dir and init_checkpoint on the command line."""
+    stage = check_stage(stage)
+    c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1))
+    c.data.pipeline.num_frames = 256
+    c.data.pipeline.max_length = 1024
+    c.data.pipeline.num_workers = 8
+    c.eval.max_new_tokens = 1024
+    if stage == "sft":
+        c.optim.lr, c.optim.warmup_steps = 1e-5, 100
+        c.train.steps = 2000
+        c.data.pipeline.batch_size = 8
+        c.data.pipeline.max_length = 4096
+    else:
+        c.optim.lr, c.optim.warmup_steps = 1e-6, 10
+        c.train.steps = 500
+        c.data.pipeline.batch_size = 4
+        c.rl.group_size, c.rl.max_new_tokens, c.rl.beta = 8, 1024, 0.01
+    return c

@@ -1,13 +1,15 @@
-"""LongVILA-R1-1.5B variant: Qwen2-1.5B (tied head) + SigLIP so400m 448 px, bf16 compute."""
+"""LongVILA-R1-1.5B variant: Qwen2-1.5B (tied head) + SigLIP so400m 448 px, bf16 compute.
+
+    --config=configs/longvila_r1_1p5b.py:sft    CoT-SFT stage
+    --config=configs/longvila_r1_1p5b.py:grpo   GRPO stage (the default)
+"""
 
 import ml_collections
 
 from configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.model = common.model_config(common.qwen2_1p5b(), common.siglip_so400m_448(),
-                                       dtype="bfloat16", param_dtype="float32", remat=True)
-    config.mesh = dict(data=1, fsdp=-1, seq=1, tensor=1)
-    return config
+def get_config(stage: str = "grpo") -> ml_collections.ConfigDict:
+    model = common.model_config(common.qwen2_1p5b(), common.siglip_so400m_448(),
+                                dtype="bfloat16", param_dtype="float32", remat=True)
+    return common.real_model_config(model, stage)

@@ -10,26 +10,64 @@ sys.path.insert(0, ROOT)
 
 
 def cpu_devices(n: int = 8) -> None:
-    """On a machine without accelerators, expose `n` virtual CPU devices (before jax import)."""
+    """On a machine without accelerators, expose `n` virtual CPU devices (before jax import;
+    a device count already in XLA_FLAGS wins). Also defines the multi-host flags."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _distributed_flags()
+
+
+def _distributed_flags():
+    from absl import flags
+    f = flags.FLAGS
+    if "coordinator_address" not in f:
+        flags.DEFINE_string("coordinator_address", None,
+                            "host:port of process 0 for jax.distributed (multi-host runs)")
+        flags.DEFINE_integer("num_processes", None, "number of JAX processes (multi-host runs)")
+        flags.DEFINE_integer("process_id", None, "this process's index (multi-host runs)")
+    return f
+
+
+def distributed_settings(flag_values=None, environ=None) -> dict | None:
+    """Where `jax.distributed.initialize` gets its arguments, in this order:
+    --coordinator_address/--num_processes/--process_id flags; JAX_COORDINATOR / JAX_NUM_PROCESSES
+    / JAX_PROCESS_ID (set by launch/run_local.py); a SLURM job step with more than one task
+    ({} = let JAX read SLURM itself). None: a single process, nothing to initialise."""
+    env = os.environ if environ is None else environ
+    given = {}
+    if flag_values is not None:
+        given = {"coordinator_address": flag_values.coordinator_address,
+                 "num_processes": flag_values.num_processes, "process_id": flag_values.process_id}
+    if given.get("coordinator_address") is None and "JAX_COORDINATOR" in env:
+        given = {"coordinator_address": env["JAX_COORDINATOR"],
+                 "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
+                 "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+    if given.get("coordinator_address") is not None:
+        missing = [k for k in ("num_processes", "process_id") if given.get(k) is None]
+        if missing:
+            raise ValueError(f"--coordinator_address is set but {missing} are not")
+        n, i = int(given["num_processes"]), int(given["process_id"])
+        if not 0 <= i < n:
+            raise ValueError(f"process_id {i} is not in [0, num_processes={n})")
+        return None if n == 1 else {"coordinator_address": given["coordinator_address"],
+                                    "num_processes": n, "process_id": i}
+    if int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1:
+        return {}
+    return None
 
 
 def init_distributed() -> None:
-    """`jax.distributed.initialize` from JAX_COORDINATOR / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-    (set by launch/run_local.py) or a SLURM allocation; a no-op for one process."""
+    """Call `jax.distributed.initialize` when this is one process of several (see
+    `distributed_settings`); a no-op for a single process."""
+    from absl import flags
+    settings = distributed_settings(flags.FLAGS if flags.FLAGS.is_parsed() else None)
+    if settings is None:
+        return
     import jax
 
-    n = int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1")))
-    if n <= 1:
-        return
-    if "JAX_COORDINATOR" in os.environ:
-        jax.distributed.initialize(os.environ["JAX_COORDINATOR"], n,
-                                   int(os.environ["JAX_PROCESS_ID"]))
-    else:
-        jax.distributed.initialize()   # SLURM auto-detection
+    jax.distributed.initialize(**settings)
     print(f"[launch] process {jax.process_index()}/{jax.process_count()}, "
           f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
 
