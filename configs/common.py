@@ -3,6 +3,8 @@ dataclasses) and `base_config()`, every section a launch script reads, with defa
 
 import ml_collections
 
+from sharding.mesh import DEFAULT_RULES, rules_to_strings
+
 
 def qwen2_7b() -> dict:
     """Qwen2(.5)-7B decoder of LongVILA-R1-7B / NVILA-8B."""
@@ -64,6 +66,8 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict) -> ml_collections.
     c.model = model
     c.init_checkpoint = ""           # VILA-layout folder (HF export) the run starts from
     c.mesh = dict(mesh)
+    # logical axis -> mesh axes ("" replicated, "fsdp+seq" several); sharding.mesh.DEFAULT_RULES
+    c.sharding_rules = rules_to_strings(DEFAULT_RULES)
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""                  # dataset root: JSONL files and the videos they name

@@ -28,6 +28,28 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def rules_to_strings(rules: Mapping[str, object] = DEFAULT_RULES) -> dict[str, str]:
+    """A rules table in config form: "" = replicated, "fsdp", "data+fsdp" = several axes."""
+    return {k: "" if v is None else v if isinstance(v, str) else "+".join(v) for k, v in rules.items()}
+
+
+def rules_from_strings(table: Mapping[str, str]) -> dict[str, str | tuple[str, ...] | None]:
+    """The config form of a rules table (see `rules_to_strings`) -> rules; DEFAULT_RULES fills
+    names the table leaves out. Unknown logical names or mesh axes are errors."""
+    rules = dict(DEFAULT_RULES)
+    for name, value in dict(table).items():
+        if name not in DEFAULT_RULES:
+            raise ValueError(f"unknown logical axis {name!r} in sharding rules; known: "
+                             f"{sorted(DEFAULT_RULES)}")
+        axes = tuple(a.strip() for a in str(value or "").split("+") if a.strip())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name}={value!r}: unknown mesh axes {bad}; valid "
+                             f"axes are {MESH_AXES}")
+        rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return rules
+
+
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Fill one -1 entry with the remaining devices; error when the product does not match."""
     unknown = [k for k in shape if k not in MESH_AXES]

@@ -32,7 +32,7 @@ from lvr_jax.train.checkpoint import Checkpointer, install_sigterm_save
 from lvr_jax.train.metrics import MetricsWriter
 from lvr_jax.weights import hf
 from sharding.frame_parallel import vision_features
-from sharding.mesh import make_mesh
+from sharding.mesh import make_mesh, rules_from_strings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ def replicate_stray_arrays(module, mesh) -> None:
     nnx.update(module, placed)
 
 
+def sharding_rules(config):
+    """The logical-axis rules of a config (`config.sharding_rules`, DEFAULT_RULES when absent)."""
+    table = config.get("sharding_rules")
+    return rules_from_strings(table) if table else None
+
+
+def load_model(config, checkpoint, mesh, **kw):
+    """`hf.load_vlm` with the config's dtypes and sharding rules."""
+    mc = config.model
+    return hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(mc.dtype),
+                       param_dtype=jnp.dtype(mc.param_dtype), rules=sharding_rules(config), **kw)
+
+
 def data_files(config, split: str) -> str:
     """`data.<split>_files`, default `<data.dir>/<split>.jsonl`."""
     given = config.data.get(f"{split}_files", "")
@@ -121,11 +134,9 @@ def setup(config, workdir, *, mode: str) -> Run:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(dict(config.mesh))
-    mc = config.model
     if not config.init_checkpoint:
         raise ValueError("set --config.init_checkpoint to a VILA-layout checkpoint folder")
-    model, tok, _ = hf.load_vlm(config.init_checkpoint, mesh=mesh, dtype=jnp.dtype(mc.dtype),
-                                param_dtype=jnp.dtype(mc.param_dtype), remat=mc.remat)
+    model, tok, _ = load_model(config, config.init_checkpoint, mesh, remat=config.model.remat)
     log.info("initial weights from %s", config.init_checkpoint)
     total = int(config.train.steps)
     optimizer = nnx.Optimizer(model, make_optimizer(config.optim, total),
@@ -360,9 +371,7 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
 def train_grpo(config, workdir) -> Run:
     """Stage 2: GRPO with a frozen reference model (the initial policy)."""
     run = setup(config, workdir, mode="rl")
-    ref, _, _ = hf.load_vlm(config.init_checkpoint, mesh=run.mesh,
-                            dtype=jnp.dtype(config.model.dtype),
-                            param_dtype=jnp.dtype(config.model.param_dtype))
+    ref, _, _ = load_model(config, config.init_checkpoint, run.mesh)
     tok = run.tokenizer
     eos = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -383,7 +392,7 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
                         limit: int | None = None, name: str = "eval") -> dict:
     """Greedy multiple-choice accuracy of a VILA-layout checkpoint on a split; writes reports."""
     mesh = make_mesh(dict(config.mesh))
-    model, tok, _ = hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(config.model.dtype))
+    model, tok, _ = load_model(config, checkpoint, mesh)
     split = split or config.eval.split
     dcfg = data_config(config, mode="rl", num_epochs=1, shuffle=False, drop_remainder=False,
                        batch_size=int(config.eval.batch_size))
