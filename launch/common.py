@@ -72,6 +72,30 @@ def init_distributed() -> None:
           f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
 
 
+def is_main_process() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (no-op for one process)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def finish() -> None:
+    """End a launch script. With several processes: wait for all, then leave without the
+    interpreter's teardown, which can hang in the distributed runtime."""
+    import jax
+    if jax.process_count() > 1:
+        barrier("finish")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def train_main(stage: str) -> None:
     """The body of launch/train_{stage}.py: config + workdir (+ export) flags, then train."""
     cpu_devices()
@@ -89,5 +113,6 @@ def train_main(stage: str) -> None:
         run = getattr(trainer, f"train_{stage}")(config.value, workdir.value)
         if export.value:
             trainer.export(run, export.value)
+        finish()
 
     app.run(main)

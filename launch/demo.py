@@ -27,7 +27,25 @@ _FRAMES = flags.DEFINE_integer("video_frames", 32, "frames per synthetic video")
 
 
 def stage(msg):
-    print(f"\n=== {msg} ===", flush=True)
+    if common.is_main_process():
+        print(f"\n=== {msg} ===", flush=True)
+
+
+def train_stage(trainer, train_fn, cfg, work: str, name: str):
+    """Train (or resume) one stage, export it and evaluate it on the validation split; a stage
+    whose last checkpoint, export and report all exist is not run again."""
+    workdir, export = os.path.join(work, name), os.path.join(work, f"{name}_model")
+    report = os.path.join(work, "reports", f"val_after_{name}.json")
+    last = os.path.join(workdir, "checkpoints", str(cfg.train.steps), "commit_success.txt")
+    if all(os.path.exists(p) for p in (last, os.path.join(export, "config.json"), report)):
+        print(f"{name} already done ({cfg.train.steps} steps): {export}, {report}", flush=True)
+        with open(report) as f:
+            return export, json.load(f)
+    run = train_fn(cfg, workdir)
+    ckpt = trainer.export(run, export)
+    result = trainer.evaluate_checkpoint(cfg, ckpt, os.path.join(work, "reports"),
+                                         name=f"val_after_{name}")
+    return ckpt, result
 
 
 def main(_):
@@ -41,18 +59,20 @@ def main(_):
     config = _CONFIG.value
     data_dir = config.data.dir = os.path.join(work, "data")
     stage(f"synthetic data -> {data_dir}")
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        generate_dataset(data_dir, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
-                         num_test=0, num_frames=_FRAMES.value, size=28, seed=0)
-    corpus = []
-    with open(os.path.join(data_dir, "train.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            corpus += [rec["problem"], rec["reasoning"]]
     init = os.path.join(work, "init")
-    if not os.path.exists(os.path.join(init, "config.json")):
-        make_random_checkpoint(config.model, init, corpus=corpus)
-    print(f"random tiny VLM + tokenizer -> {init}", flush=True)
+    if common.is_main_process():         # one writer; the other processes wait at the barrier
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            generate_dataset(data_dir, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
+                             num_test=0, num_frames=_FRAMES.value, size=28, seed=0)
+        corpus = []
+        with open(os.path.join(data_dir, "train.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                corpus += [rec["problem"], rec["reasoning"]]
+        if not os.path.exists(os.path.join(init, "config.json")):
+            make_random_checkpoint(config.model, init, corpus=corpus)
+        print(f"random tiny VLM + tokenizer -> {init}", flush=True)
+    common.barrier("demo_inputs")
 
     sft_cfg = config.copy_and_resolve_references()
     sft_cfg.init_checkpoint = init
@@ -60,30 +80,26 @@ def main(_):
     sft_cfg.optim.lr = _SFT_LR.value
     sft_cfg.profile.num_steps = 0
     stage(f"CoT-SFT, {sft_cfg.train.steps} steps")
-    run = trainer.train_sft(sft_cfg, os.path.join(work, "sft"))
-    sft_ckpt = trainer.export(run, os.path.join(work, "sft_model"))
-    before = trainer.evaluate_checkpoint(sft_cfg, sft_ckpt, os.path.join(work, "reports"),
-                                         name="val_after_sft")
+    sft_ckpt, before = train_stage(trainer, trainer.train_sft, sft_cfg, work, "sft")
 
     grpo_cfg = config.copy_and_resolve_references()
     grpo_cfg.init_checkpoint = str(sft_ckpt)
     stage(f"GRPO, {grpo_cfg.train.steps} steps, G={grpo_cfg.rl.group_size}")
-    run = trainer.train_grpo(grpo_cfg, os.path.join(work, "grpo"))
-    grpo_ckpt = trainer.export(run, os.path.join(work, "grpo_model"))
-    after = trainer.evaluate_checkpoint(grpo_cfg, grpo_ckpt, os.path.join(work, "reports"),
-                                        name="val_after_grpo")
+    _, after = train_stage(trainer, trainer.train_grpo, grpo_cfg, work, "grpo")
 
-    from plot_metrics import plot
-    png = plot([os.path.join(work, "sft", "metrics.jsonl"),
-                os.path.join(work, "grpo", "metrics.jsonl")], os.path.join(work, "curves.png"))
     stage("result")
-    print(f"validation accuracy after SFT : {before['accuracy']:.3f} (n={before['n']})")
-    print(f"validation accuracy after GRPO: {after['accuracy']:.3f} (n={after['n']})")
-    for cat in after["per_category"]:
-        b, a = before["per_category"].get(cat, {}).get("accuracy"), after["per_category"][cat]["accuracy"]
-        print(f"  {cat:10s} {b:.3f} -> {a:.3f}")
-    print(f"curves: {png}; reports: {os.path.join(work, 'reports')}; "
-          f"total {time.time() - t0:.0f}s", flush=True)
+    if common.is_main_process():
+        from plot_metrics import plot
+        png = plot([os.path.join(work, "sft", "metrics.jsonl"),
+                    os.path.join(work, "grpo", "metrics.jsonl")], os.path.join(work, "curves.png"))
+        print(f"validation accuracy after SFT : {before['accuracy']:.3f} (n={before['n']})")
+        print(f"validation accuracy after GRPO: {after['accuracy']:.3f} (n={after['n']})")
+        for cat in after["per_category"]:
+            b = before["per_category"].get(cat, {}).get("accuracy")
+            print(f"  {cat:10s} {b:.3f} -> {after['per_category'][cat]['accuracy']:.3f}")
+        print(f"curves: {png}; reports: {os.path.join(work, 'reports')}; "
+              f"total {time.time() - t0:.0f}s", flush=True)
+    common.finish()
 
 
 if __name__ == "__main__":

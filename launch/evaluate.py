@@ -20,6 +20,7 @@ def main(_):
     from lvr_jax.train import trainer
     trainer.evaluate_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value, split=_SPLIT.value,
                                 limit=_LIMIT.value)
+    common.finish()
 
 
 if __name__ == "__main__":

@@ -381,11 +381,48 @@ def default_shard() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def shard_records(ds: grain.MapDataset, shard_index: int, shard_count: int, *, even: bool):
+class BlockShard(grain.MapDataset):
+    """Shard `index` of `count` in blocks of `block`: its j-th block is the parent's elements
+    [(j * count + index) * block, ... + block). With block = per-process batch, the global batch
+    of step j (the parent's elements [j * count * block, (j + 1) * count * block)) is the same
+    whatever the number of shards. The parent is trimmed to a multiple of count * block; indices
+    past the end continue into the parent's next epoch (as grain's slices do)."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+        super().__init__(parent)
+        self._index, self._count, self._block = index, count, block
+        self._parent_length = len(parent)
+        self._length = (self._parent_length // (count * block)) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, i: int) -> int:
+        epoch, offset = divmod(i, self._length)
+        j, r = divmod(offset, self._block)
+        return epoch * self._parent_length + (j * self._count + self._index) * self._block + r
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"BlockShard({self._index}/{self._count}, block={self._block})"
+
+
+def shard_records(ds: grain.MapDataset, shard_index: int, shard_count: int, *, even: bool,
+                  block: int = 1):
     """This shard's part of a (shuffled) MapDataset: elements shard_index, +shard_count, ...;
-    with `even`, first trimmed to a multiple of shard_count so all shards have equal length."""
+    with `even`, first trimmed to a multiple of shard_count so all shards have equal length.
+    `block` > 1 deals blocks of that many consecutive elements instead (`BlockShard`; needs
+    `even`; each epoch is trimmed to a multiple of shard_count * block, whatever the count)."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if block > 1:
+        if not even:
+            raise ValueError("block sharding needs drop_remainder=True (equal shards)")
+        return BlockShard(ds, shard_index, shard_count, block)
     if even:
         ds = ds[: (len(ds) // shard_count) * shard_count]
     return ds[shard_index::shard_count]
@@ -399,8 +436,10 @@ def mark_flags_parsed(*_args) -> None:
 
 
 def make_map_dataset(records: Sequence[Record], cfg: DataConfig, tokenizer, preprocessor, *,
-                     shard_index: int | None = None, shard_count: int | None = None):
-    """The MapDataset part: shuffle -> shard -> repeat -> map(ExampleBuilder)."""
+                     shard_index: int | None = None, shard_count: int | None = None,
+                     block: int = 1):
+    """The MapDataset part: shuffle -> shard (in blocks of `block`) -> repeat ->
+    map(ExampleBuilder)."""
     if (shard_index is None) != (shard_count is None):
         raise ValueError("give both shard_index and shard_count, or neither")
     if shard_index is None:
@@ -411,7 +450,7 @@ def make_map_dataset(records: Sequence[Record], cfg: DataConfig, tokenizer, prep
     ds = grain.MapDataset.source(records)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = shard_records(ds, shard_index, shard_count, even=cfg.drop_remainder)
+    ds = shard_records(ds, shard_index, shard_count, even=cfg.drop_remainder, block=block)
     if len(ds) == 0:
         raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
     if cfg.num_epochs != 1:
@@ -488,17 +527,19 @@ class BatchDataset(grain.IterDataset):
 
 
 def make_iter_dataset(records: Sequence[Record], cfg: DataConfig, tokenizer, preprocessor: Preprocessor,
-                      *, shard_index: int | None = None, shard_count: int | None = None):
+                      *, shard_index: int | None = None, shard_count: int | None = None,
+                      block: int = 1):
     """The full pipeline as a grain IterDataset of batches (see the module docstring).
 
     `iter(ds)` gives an iterator with `get_state()` / `set_state()` (save it with the training
     checkpoint; a fresh iterator restored from it yields exactly the batches that would have come
     next), `.skipped` and `.skip_log`, and `close()` (stops the worker processes).
-    Shards default to `jax.process_index()` / `jax.process_count()`.
+    Shards default to `jax.process_index()` / `jax.process_count()`; `block` = the per-shard
+    batch size makes every step's global batch independent of the shard count (`BlockShard`).
     """
     mark_flags_parsed()
     ds = make_map_dataset(records, cfg, tokenizer, preprocessor, shard_index=shard_index,
-                          shard_count=shard_count)
+                          shard_count=shard_count, block=block)
     threads = max(0, cfg.read_threads)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(threads, 1)))

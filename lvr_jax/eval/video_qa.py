@@ -21,12 +21,12 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 def evaluate(model, tokenizer, batches, *, mesh=None, max_new_tokens: int = 96,
-             prompt_fn=None, features_fn=None, limit: int | None = None) -> dict:
+             prompt_fn=None, features_fn=None, limit: int | None = None, on_batch=None) -> dict:
     """Greedy-decode every batch of an RL-mode data iterator and score the answers.
 
     `features_fn(model, frames)` and `prompt_fn(model, feats, ids, attn, multiple)` are the
-    trainer's compiled helpers. Returns {"accuracy", "format_rate", "n", "per_category": {...},
-    "items": [...]}.
+    trainer's compiled helpers; `on_batch(items_done, items_correct)` is called after each
+    batch. Returns {"accuracy", "format_rate", "n", "per_category": {...}, "items": [...]}.
     """
     eos = stop_ids(tokenizer)
     sampler = Sampler(model, mesh, eos_ids=eos, pad_id=eos[0] if eos else 0)
@@ -47,6 +47,8 @@ def evaluate(model, tokenizer, batches, *, mesh=None, max_new_tokens: int = 96,
             items.append({"problem_id": str(pid), "category": str(cat), "answer": str(answer),
                           "predicted": extract_answer(text), "correct": bool(ok),
                           "format": bool(format_reward(text)), "response": text})
+        if on_batch is not None:
+            on_batch(len(items), sum(i["correct"] for i in items))
         if limit is not None and len(items) >= limit:
             break
     n = len(items)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from lvr_jax.models.attention import dense_attention
 from lvr_jax.rollout.branches import branch_forward
+from sharding.multihost import host_array
 from sharding.ring_attention import ring_attention_fn
 from sharding.sequence_parallel import shard_sequence
 
@@ -239,17 +240,20 @@ class Sampler:
 
     def generate_padded(self, x, mask, params: SamplingParams, *, seed: int = 0, rows=None):
         """Like `generate` for prompts already left padded: x [B, Lp, E], mask [B, Lp] (Lp a
-        multiple of `pad_multiple`). Returns numpy (tokens, logprobs, lengths) of B*G rows."""
+        multiple of `pad_multiple`). Returns numpy (tokens, logprobs, lengths) of B*G rows, the
+        whole batch on every process. Profiler traces name the phases prefill and decode."""
         if x.shape[1] % self.pad_multiple:
             raise ValueError(f"padded prompt length {x.shape[1]} is not a multiple of "
                              f"{self.pad_multiple} (2 x the '{self.axis}' axis)")
         rows = x.shape[0] * params.num_samples if rows is None else rows
         run_prefill, run_init, run_decode = self._compiled(params)
         state = nnx.state(self.llm)
-        prefix = run_prefill(state, x, mask)
+        with jax.profiler.TraceAnnotation("prefill"):
+            prefix = run_prefill(state, x, mask)
         base = jax.random.key(seed)
         row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
-        out = run_decode(state, prefix, run_init(prefix), row_keys)
-        t = params.max_new_tokens
-        return (np.asarray(out.tokens).reshape(rows, t), np.asarray(out.logprobs).reshape(rows, t),
-                np.asarray(out.lengths).reshape(rows))
+        with jax.profiler.TraceAnnotation("decode"):
+            out = run_decode(state, prefix, run_init(prefix), row_keys)
+            t = params.max_new_tokens
+            return (host_array(out.tokens).reshape(rows, t),
+                    host_array(out.logprobs).reshape(rows, t), host_array(out.lengths).reshape(rows))

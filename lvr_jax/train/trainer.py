@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lvr_jax.data.dataset import DataConfig, load_records, make_iter_dataset
 from lvr_jax.data.video import Preprocessor
@@ -33,6 +35,7 @@ from lvr_jax.train.metrics import MetricsWriter
 from lvr_jax.weights import hf
 from sharding.frame_parallel import vision_features
 from sharding.mesh import make_mesh, rules_from_strings
+from sharding.multihost import batch_rows, gather_json, gather_rows, put_batch, put_replicated
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,18 @@ def nonfinite_counts(opt_state) -> tuple[int, int]:
 
 def replicate_stray_arrays(module, mesh) -> None:
     """Put arrays that live on one device (optimizer counters) replicated on the mesh, so every
-    step sees the same placements (no recompile after the first update, restorable shardings)."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step sees the same placements (no recompile after the first update, restorable shardings,
+    and global arrays when the mesh spans processes)."""
     state = nnx.state(module)
     placed = jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size
-                          else jax.device_put(x, replicated), state)
+                          else put_replicated(x, mesh), state)
     nnx.update(module, placed)
+
+
+def say(message: str) -> None:
+    """Print a progress line (process 0 only)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def sharding_rules(config):
@@ -106,10 +115,12 @@ def data_config(config, **overrides) -> DataConfig:
     return DataConfig(**{**fields, **overrides})
 
 
-def host_batch(batch: dict) -> dict:
-    """The array fields of a data batch as jnp arrays (strings stay on the host)."""
+def device_batch(run: "Run", batch: dict) -> dict:
+    """The array fields of this process's rows of a batch -> global arrays sharded over the
+    batch axes (strings stay on the host)."""
     keys = ("frames", "input_ids", "attention_mask", "loss_mask")
-    return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+    return {k: put_batch(batch[k], run.mesh, run.global_batch, run.rules)
+            for k in keys if k in batch}
 
 
 @dataclasses.dataclass
@@ -127,6 +138,9 @@ class Run:
     data_iter: object
     step: int = 0
     rng: jax.Array | None = None
+    global_batch: int = 1                 # prompts per step over all processes
+    shard: tuple[int, int] = (0, 1)       # this process's block of the batch (multihost.batch_rows)
+    rules: dict | None = None
 
 
 def setup(config, workdir, *, mode: str) -> Run:
@@ -142,13 +156,22 @@ def setup(config, workdir, *, mode: str) -> Run:
     optimizer = nnx.Optimizer(model, make_optimizer(config.optim, total),
                               wrt=trainable_filter(config.train.freeze_vision))
     replicate_stray_arrays(optimizer, mesh)
-    data_cfg = data_config(config, mode=mode, num_epochs=None)
+    rules = sharding_rules(config)
+    global_batch = int(config.data.pipeline.batch_size)
+    shard = batch_rows(mesh, global_batch, rules)
+    local_batch = global_batch // shard[1]
+    data_cfg = data_config(config, mode=mode, num_epochs=None, batch_size=local_batch)
     records = load_records(data_files(config, "train"), on_error=data_cfg.on_error)
     pre = Preprocessor.from_pretrained(Path(config.init_checkpoint) / "vision_tower")
-    data = make_iter_dataset(records, data_cfg, tok, pre)
+    data = make_iter_dataset(records, data_cfg, tok, pre, shard_index=shard[0],
+                             shard_count=shard[1], block=local_batch)
+    if shard[1] > 1:
+        log.info("process %d feeds batch rows block %d of %d (%d of %d prompts per step)",
+                 jax.process_index(), shard[0], shard[1], local_batch, global_batch)
     run = Run(config, workdir, mesh, model, tok, optimizer,
               Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints),
-              MetricsWriter(str(workdir)), data, iter(data), 0, jax.random.key(config.train.seed))
+              MetricsWriter(str(workdir)), data, iter(data), 0,
+              put_replicated(jax.random.key(config.train.seed), mesh), global_batch, shard, rules)
     restore(run)
     return run
 
@@ -163,17 +186,28 @@ def restore(run: Run) -> None:
     nnx.update(run.model, got.params)
     nnx.update(run.optimizer, got.opt_state)
     run.step, run.rng = got.step, got.rng
-    if got.data_state is not None:
-        run.data_iter.set_state(got.data_state)
+    data_state = got.data_state
+    if isinstance(data_state, dict) and "processes" in data_state:
+        states = data_state["processes"]
+        if len(states) == jax.process_count():
+            data_state = states[jax.process_index()]
+        else:
+            log.warning("checkpoint step %d was written by %d processes, this run has %d: the data "
+                        "iterator starts from the beginning", got.step, len(states),
+                        jax.process_count())
+            data_state = None
+    if data_state is not None:
+        run.data_iter.set_state(data_state)
     log.info("resumed from %s at step %d", run.ckpt.directory, got.step)
-    print(f"[train] resumed from checkpoint step {got.step} in {run.workdir / 'checkpoints'}",
-          flush=True)
+    say(f"[train] resumed from checkpoint step {got.step} in {run.workdir / 'checkpoints'}")
 
 
 def save(run: Run, *, force: bool = False) -> None:
+    """Checkpoint the step (every process calls it); the data state of every process is kept."""
+    data_state = {"processes": gather_json(run.data_iter.get_state())}
     run.ckpt.save(run.step, params=nnx.state(run.model, nnx.Param),
                   opt_state=nnx.state(run.optimizer, nnx.optimizer.OptState), rng=run.rng,
-                  data_state=run.data_iter.get_state(), force=force)
+                  data_state=data_state, force=force)
 
 
 def check_finite(run: Run, metrics: dict) -> None:
@@ -192,20 +226,66 @@ def check_finite_counts(run, opt_state, metrics: dict) -> None:
                              f"gradient (last at step {run.step}); lower optim.lr or check data")
 
 
+def eta(done: int, total: int, elapsed: float, *, start: int = 0, unit: str = "step") -> str:
+    """'40/200 (20%, 1.20 s/step, eta 3m12s)' for a progress line; `elapsed` seconds were spent
+    on the items after `start` (a resumed run)."""
+    rate = elapsed / max(done - start, 1)
+    left = int(rate * (total - done))
+    return (f"{done}/{total} ({100 * done // max(total, 1)}%, {rate:.2f} s/{unit}, "
+            f"eta {left // 60}m{left % 60:02d}s)")
+
+
+class StopRequest:
+    """SIGTERM / SIGINT in a multi-process run: every process checks at each step boundary
+    whether any process was asked to stop; then all save one checkpoint together and exit
+    (a save is collective, so it cannot run inside one process's signal handler)."""
+
+    def __init__(self):
+        self.asked = False
+        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handler(self, signum, _frame):
+        log.warning("received signal %d: saving a checkpoint at the end of this step", signum)
+        self.asked = True
+
+    def agreed(self) -> bool:
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.asked]))))
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def trace_dir(run: Run) -> Path:
+    """Where the XLA trace goes (one subfolder per process in multi-process runs)."""
+    base = run.workdir / "trace"
+    return base / f"process_{jax.process_index()}" if jax.process_count() > 1 else base
+
+
 def loop(run: Run, step_fn, *, what: str) -> list[dict]:
     """Run `step_fn(run, batch) -> metrics` until train.steps; checkpoint, log, profile."""
     cfg = run.config
     total = int(cfg.train.steps)
-    uninstall = install_sigterm_save(lambda: (save(run, force=True), run.ckpt.wait_until_finished()))
+    if jax.process_count() > 1:
+        stop = StopRequest()
+        uninstall = stop.uninstall
+    else:
+        stop = None
+        uninstall = install_sigterm_save(lambda: (save(run, force=True),
+                                                  run.ckpt.wait_until_finished()))
     prof = cfg.profile
     rows = []
+    first, t_start = run.step, time.perf_counter()
+    say(f"[{what}] steps {run.step}..{total}: checkpoints every {cfg.train.checkpoint_every} in "
+        f"{run.ckpt.directory}, metrics in {run.writer.path}")
     try:
         while run.step < total:
             if prof.num_steps and run.step == prof.start_step:
-                jax.profiler.start_trace(str(run.workdir / "trace"), create_perfetto_trace=True)
+                jax.profiler.start_trace(str(trace_dir(run)), create_perfetto_trace=True)
             batch = next(run.data_iter)
             t0 = time.perf_counter()
-            metrics = step_fn(run, batch)
+            with jax.profiler.StepTraceAnnotation(what, step_num=run.step):
+                metrics = step_fn(run, batch)
             run.step += 1
             check_finite(run, metrics)
             metrics["step_time_s"] = time.perf_counter() - t0
@@ -213,19 +293,25 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
             rows.append(run.writer.write(run.step, metrics))
             if prof.num_steps and run.step == prof.start_step + prof.num_steps:
                 jax.profiler.stop_trace()
-                print(f"[train] XLA trace of steps {prof.start_step}..{run.step - 1} in "
-                      f"{run.workdir / 'trace'}", flush=True)
+                say(f"[train] XLA trace (xplane + perfetto) of steps {prof.start_step}.."
+                    f"{run.step - 1} in {trace_dir(run)}")
             if run.step % cfg.train.log_every == 0 or run.step == total:
                 shown = {k: v for k, v in rows[-1].items() if isinstance(v, float)}
-                print(f"[{what}] step {run.step}/{total} " + " ".join(
-                    f"{k}={v:.4g}" for k, v in list(shown.items())[:8]), flush=True)
+                progress = eta(run.step, total, time.perf_counter() - t_start, start=first)
+                say(f"[{what}] step {progress} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]))
             if run.step % cfg.train.checkpoint_every == 0 or run.step == total:
                 save(run)
+            if stop is not None and run.step < total and stop.agreed():
+                save(run, force=True)
+                run.ckpt.wait_until_finished()
+                say(f"[{what}] stopped by a signal at step {run.step}; checkpoint saved in "
+                    f"{run.ckpt.directory}")
+                raise SystemExit(0)
     finally:
         run.ckpt.wait_until_finished()
         uninstall()
-    print(f"[{what}] done: checkpoints in {run.workdir / 'checkpoints'}, metrics in "
-          f"{run.writer.path}", flush=True)
+    say(f"[{what}] done: checkpoints in {run.ckpt.directory}, metrics in {run.writer.path}")
     return rows
 
 
@@ -255,7 +341,7 @@ def sft_update(model, optimizer, frames, ids, attn, loss_mask, mesh=None, freeze
 
 
 def sft_step(run: Run, batch: dict) -> dict:
-    b = host_batch(batch)
+    b = device_batch(run, batch)
     metrics = sft_update(run.model, run.optimizer, b["frames"], b["input_ids"],
                          b["attention_mask"], b["loss_mask"], mesh=run.mesh,
                          freeze_vision=bool(run.config.train.freeze_vision))
@@ -317,47 +403,62 @@ class RLSettings:
     loss_agg: str
 
 
+def local_rewards(run: Run, batch: dict, tokens, lengths) -> dict:
+    """Rewards of this process's prompts' G responses each, gathered into the whole batch's
+    {"reward", "accuracy", "format"} [B * G] on every process."""
+    rl = run.config.rl
+    index, count = run.shard
+    rows = slice(index * tokens.shape[0] // count, (index + 1) * tokens.shape[0] // count)
+    texts = run.tokenizer.batch_decode([t[:n] for t, n in zip(tokens[rows], lengths[rows])],
+                                       skip_special_tokens=True)
+    scores = batch_rewards(texts, list(batch["answer"]), accuracy_weight=rl.accuracy_weight,
+                           format_weight=rl.format_weight)
+    return {k: gather_rows(np.asarray(scores[k]), run.shard) for k in ("reward", "accuracy", "format")}
+
+
 def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
-    """Rollout G responses per prompt, score, reference log-probs, one policy update."""
+    """Rollout G responses per prompt, score, reference log-probs, one policy update. Phases are
+    named in profiler traces: encode, prefill, decode (sampler), reward, logprob, update."""
     rl = run.config.rl
     g = int(rl.group_size)
-    b = host_batch(batch)
+    b = device_batch(run, batch)
     t0 = time.perf_counter()
-    feats = encode_batch(run.model, b["frames"], mesh=run.mesh)
     multiple = sampler.pad_multiple
-    x, mask = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], multiple)
+    with jax.profiler.TraceAnnotation("encode"):
+        feats = encode_batch(run.model, b["frames"], mesh=run.mesh)
+        x, mask = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], multiple)
     params = SamplingParams(int(rl.max_new_tokens), float(rl.temperature), float(rl.top_p),
                             int(rl.top_k), g)
     seed = int(jax.random.randint(jax.random.fold_in(run.rng, run.step), (), 0, 2**30))
     tokens, old_lp, lengths = sampler.generate_padded(x, mask, params, seed=seed)
-    texts = run.tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
-                                       skip_special_tokens=True)
-    scores = batch_rewards(texts, list(batch["answer"]), accuracy_weight=rl.accuracy_weight,
-                           format_weight=rl.format_weight)
-    adv = np.asarray(group_advantages(scores["reward"], g))
-    resp_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
-    if rl.filter_groups:
-        keep = np.asarray(filter_groups(scores["reward"], g, per_sample=True))
-        resp_mask = resp_mask & keep[:, None]
+    with jax.profiler.TraceAnnotation("reward"):
+        scores = local_rewards(run, batch, tokens, lengths)
+        adv = np.asarray(group_advantages(scores["reward"], g))
+        resp_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
+        if rl.filter_groups:
+            keep = np.asarray(filter_groups(scores["reward"], g, per_sample=True))
+            resp_mask = resp_mask & keep[:, None]
     t_rollout = time.perf_counter() - t0
-    responses = jnp.asarray(tokens.reshape(-1, g, tokens.shape[1]))
+    responses = tokens.reshape(-1, g, tokens.shape[1])
     settings = RLSettings(float(rl.temperature), float(rl.clip_low), float(rl.clip_high),
                           float(rl.beta), str(rl.loss_agg))
-    ref_lp = logprobs_under(ref, feats, b["input_ids"], b["attention_mask"], responses,
-                          settings.temperature, multiple, mesh=run.mesh)
-    ref_lp = ref_lp.reshape(tokens.shape)
-    old = jnp.asarray(old_lp)
-    if rl.recompute_old_logprobs:
-        old = logprobs_under(run.model, feats, b["input_ids"], b["attention_mask"], responses,
-                           settings.temperature, multiple, mesh=run.mesh).reshape(tokens.shape)
-    jax.block_until_ready(ref_lp)
+    with jax.profiler.TraceAnnotation("logprob"):
+        ref_lp = logprobs_under(ref, feats, b["input_ids"], b["attention_mask"], responses,
+                                settings.temperature, multiple, mesh=run.mesh)
+        ref_lp = ref_lp.reshape(tokens.shape)
+        old = old_lp
+        if rl.recompute_old_logprobs:
+            old = logprobs_under(run.model, feats, b["input_ids"], b["attention_mask"], responses,
+                                 settings.temperature, multiple, mesh=run.mesh).reshape(tokens.shape)
+        jax.block_until_ready(ref_lp)
     t_logprob = time.perf_counter() - t0 - t_rollout
-    metrics = grpo_update(run.model, run.optimizer, feats, b["input_ids"], b["attention_mask"],
-                          responses, jnp.asarray(resp_mask), old, ref_lp, jnp.asarray(adv),
-                          settings, multiple, mesh=run.mesh)
-    metrics = {k: metrics[k] for k in ("loss", "policy_loss", "kl", "clip_frac", "entropy",
-                                       "grad_norm")}
-    jax.block_until_ready(metrics)
+    with jax.profiler.TraceAnnotation("update"):
+        metrics = grpo_update(run.model, run.optimizer, feats, b["input_ids"], b["attention_mask"],
+                              responses, resp_mask, old, ref_lp, adv, settings, multiple,
+                              mesh=run.mesh)
+        metrics = {k: metrics[k] for k in ("loss", "policy_loss", "kl", "clip_frac", "entropy",
+                                           "grad_norm")}
+        jax.block_until_ready(metrics)
     t_update = time.perf_counter() - t0 - t_rollout - t_logprob
     n_tok = int(lengths.sum())
     metrics.update(
@@ -383,10 +484,8 @@ def train_grpo(config, workdir) -> Run:
 def export(run: Run, path) -> Path:
     """Write the trained model as a VILA-layout HF checkpoint (with the tokenizer)."""
     out = hf.save_hf(run.model, path, tokenizer=run.tokenizer, overwrite=True)
-    print(f"[train] exported HF checkpoint to {out}", flush=True)
+    say(f"[train] exported HF checkpoint to {out}")
     return out
-
-
 
 def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None,
                         limit: int | None = None, name: str = "eval") -> dict:
@@ -399,10 +498,19 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     records = load_records(data_files(config, split), on_error=dcfg.on_error)
     pre = Preprocessor.from_pretrained(Path(checkpoint) / "vision_tower")
     batches = iter(make_iter_dataset(records, dcfg, tok, pre, shard_index=0, shard_count=1))
+    total = len(records) if limit is None else min(limit, len(records))
+    t0 = time.perf_counter()
+
+    def progress(done: int, correct: int) -> None:
+        say(f"[eval] {name}: {eta(done, total, time.perf_counter() - t0, unit='item')} "
+            f"accuracy so far {correct / max(done, 1):.3f}")
+
     result = evaluate(model, tok, batches, mesh=mesh, max_new_tokens=int(config.eval.max_new_tokens),
                       features_fn=lambda m, f: encode_batch(m, f, mesh=mesh),
-                      prompt_fn=make_prompts, limit=limit)
-    json_path, md_path = write_report(result, out_dir, name)
-    print(f"[eval] {checkpoint} on {split}: accuracy {result['accuracy']:.3f} over {result['n']} "
-          f"(format {result['format_rate']:.3f}); report {md_path}", flush=True)
+                      prompt_fn=make_prompts, limit=limit, on_batch=progress)
+    md_path = Path(out_dir) / f"{name}.md"
+    if jax.process_index() == 0:
+        _, md_path = write_report(result, out_dir, name)
+    say(f"[eval] {checkpoint} on {split}: accuracy {result['accuracy']:.3f} over {result['n']} "
+        f"(format {result['format_rate']:.3f}); report {md_path}")
     return result

@@ -24,6 +24,7 @@ from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from lvr_jax.models.vlm import VLM, VLMConfig
 from lvr_jax.weights.io import CheckpointError, TensorDir, read_json, replace_dir, write_tensors
 from sharding.mesh import logical_sharding
+from sharding.multihost import host_array
 
 log = logging.getLogger(__name__)
 
@@ -309,18 +310,11 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
 # Saving
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensors(module: nnx.Module, specs: dict, num_layers: int, save_dtype):
     """(HF key, array) pairs for one component, in HF layout."""
     flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
     for path, spec in specs.items():
-        arr = _host(flat[path].get_value())
+        arr = host_array(flat[path].get_value())
         if save_dtype is not None:
             arr = arr.astype(save_dtype)
         if "{i}" in spec.key:

@@ -1,0 +1,49 @@
+"""The README demo, shrunk: killed during GRPO, rerun, it resumes from its last checkpoint."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO_STEPS = 6
+
+
+def demo_cmd(workdir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "demo.py"), f"--workdir={workdir}",
+            "--num_train=12", "--num_val=4", "--video_frames=16", "--sft_steps=4",
+            f"--config.train.steps={GRPO_STEPS}", "--config.train.checkpoint_every=2",
+            "--config.train.log_every=1", "--config.rl.group_size=2",
+            "--config.rl.max_new_tokens=8", "--config.eval.max_new_tokens=8",
+            "--config.eval.batch_size=4", "--config.data.pipeline.num_frames=4",
+            "--config.data.pipeline.batch_size=2"]
+
+
+def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    work = tmp_path / "demo"
+    proc = subprocess.Popen(demo_cmd(work), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = work / "grpo" / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert marker.exists(), "the demo ended before its GRPO step-2 checkpoint"
+    assert not (work / "reports" / "val_after_grpo.json").exists(), "the demo finished"
+
+    out = subprocess.run(demo_cmd(work), env=env, timeout=600, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "sft already done (4 steps)" in out.stdout
+    resumed = int(re.search(r"resumed from checkpoint step (\d+)", out.stdout).group(1))
+    assert 2 <= resumed < GRPO_STEPS
+    assert f"[grpo] step {GRPO_STEPS}/{GRPO_STEPS}" in out.stdout
+    assert f"[grpo] step {resumed}/" not in out.stdout      # steps before the resume not redone
+    after = re.search(r"validation accuracy after GRPO: ([0-9.]+) \(n=4\)", out.stdout)
+    assert after is not None, out.stdout[-2000:]
+    assert (work / "reports" / "val_after_grpo.md").exists()
+    assert (work / "curves.png").stat().st_size > 0

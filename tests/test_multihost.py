@@ -1,0 +1,141 @@
+"""Multi-controller JAX: 2 processes x 4 CPU devices (gloo) run GRPO like 1 process x 8 devices,
+including a resume from a checkpoint that both processes wrote."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A tiny VLM SFT-trained on one-line reasoning, so GRPO samples get non-zero, varied
+    rewards (a random model never writes <answer>...</answer> and every advantage is 0)."""
+    from lvr_jax.data.synthetic import generate_dataset
+    from lvr_jax.weights.tiny import make_random_checkpoint
+
+    root = tmp_path_factory.mktemp("multihost")
+    generate_dataset(root / "data", num_train=16, num_val=0, num_test=0, num_frames=16, size=28)
+    rows = [json.loads(x) for x in open(root / "data" / "train.jsonl")]
+    with open(root / "data" / "short.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "reasoning": "i watched it"}) + "\n")
+    corpus = [r["problem"] for r in rows] + ["<think> i watched it </think> <answer> A </answer>"]
+    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
+    run([sys.executable, str(LAUNCH / "train_sft.py"), "--config=" + str(ROOT / "configs/demo.py:sft"),
+         f"--workdir={root / 'sft'}", f"--export={root / 'sft_model'}", "--config.train.steps=120",
+         *data_flags(root, root / "init"), "--config.data.pipeline.batch_size=4"])
+    return root
+
+
+def data_flags(root: Path, init: Path) -> list[str]:
+    return [f"--config.init_checkpoint={init}", f"--config.data.dir={root / 'data'}",
+            f"--config.data.train_files={root / 'data' / 'short.jsonl'}",
+            "--config.data.pipeline.num_frames=4", "--config.train.log_every=100"]
+
+
+def grpo_cmd(root: Path, workdir: Path, steps: int) -> list[str]:
+    return [sys.executable, str(LAUNCH / "train_grpo.py"), f"--config={ROOT / 'configs/demo.py'}",
+            f"--workdir={workdir}", *data_flags(root, root / "sft_model"),
+            f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
+            "--config.rl.group_size=4", "--config.rl.max_new_tokens=24",
+            "--config.data.pipeline.batch_size=2"]
+
+
+def env():
+    out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    out["JAX_PLATFORMS"] = "cpu"
+    return out
+
+
+def run(cmd, timeout=900):
+    out = subprocess.run(cmd, env=env(), timeout=timeout, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def two_processes(cmd) -> list[str]:
+    return [sys.executable, str(LAUNCH / "run_local.py"), "--num_processes=2",
+            "--cpu_devices_per_process=4", "--timeout_s=800", "--grace_s=30", "--", *cmd]
+
+
+def metrics(workdir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+
+
+STEPS = 5
+PHASES = ("encode", "prefill", "decode", "reward", "logprob", "update")
+
+
+@pytest.fixture(scope="module")
+def one_process(sft_model, tmp_path_factory):
+    """1 process x 8 devices, STEPS GRPO steps, step 1 profiled."""
+    workdir = tmp_path_factory.mktemp("one")
+    out = run(grpo_cmd(sft_model, workdir, STEPS) + ["--config.profile.start_step=1",
+                                                      "--config.profile.num_steps=1"])
+    assert f"XLA trace (xplane + perfetto) of steps 1..1 in {workdir / 'trace'}" in out
+    return workdir
+
+
+def test_profiled_step_has_named_phases_in_order(one_process):
+    runs = list((one_process / "trace" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.xplane.pb")), "no xplane file"
+    events = json.load(gzip.open(runs[0] / "perfetto_trace.json.gz"))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    spans = {e["name"]: (e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+             if e.get("name") in PHASES + ("grpo",) and "ts" in e}
+    assert set(spans) == set(PHASES) | {"grpo"}, sorted(spans)
+    step_start, step_end = spans["grpo"]
+    starts = [spans[p][0] for p in PHASES]
+    assert starts == sorted(starts), dict(zip(PHASES, starts))
+    assert all(step_start <= spans[p][0] and spans[p][1] <= step_end for p in PHASES)
+
+
+def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, sft_model,
+                                                                   tmp_path):
+    steps = STEPS
+    want = metrics(one_process)
+    assert sorted(want) == list(range(1, steps + 1))
+    losses = [want[s]["loss"] for s in want]
+    assert any(abs(x) > 1e-4 for x in losses), f"degenerate GRPO run (all advantages 0): {losses}"
+
+    # 2 x 4 devices; SIGTERM once the step-2 checkpoint exists: both processes agree to stop at
+    # the next step boundary, save together and exit 0; the rerun resumes there.
+    two = tmp_path / "two"
+    proc = subprocess.Popen(two_processes(grpo_cmd(sft_model, two, steps)), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = two / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 800
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "[p0] [launch] process 0/2, 4 local of 8 devices" in out
+    assert "[p1] [launch] process 1/2, 4 local of 8 devices" in out
+    stopped = int(out.split("stopped by a signal at step ")[1].split(";")[0])
+    assert 2 <= stopped < steps, out[-3000:]
+
+    out = run(two_processes(grpo_cmd(sft_model, two, steps)))
+    assert f"resumed from checkpoint step {stopped}" in out
+    got = metrics(two)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in want:
+        for key in ("loss", "policy_loss", "kl", "entropy", "grad_norm"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-7,
+                                       err_msg=f"step {step} {key}")
+        for key in ("reward_mean", "accuracy", "format_rate", "response_length"):
+            assert got[step][key] == want[step][key], (step, key)
