@@ -4,7 +4,13 @@ One checkpoint = one orbax step directory `<dir>/<step>/` holding a composite of
   params     StandardSave  any pytree of arrays (e.g. an nnx params State), sharded arrays as is
   opt_state  StandardSave  the optax state pytree
   rng        StandardSave  {"rng": RNG pytree}; typed PRNG keys are stored as their uint32 key data
-  meta       JsonSave      {"step", "data_state" (JSON-able iterator state), "rng_impls", "extra"}
+  meta       JsonSave      {"step", "data_state" (JSON-able iterator state), "rng_impls", "has_rng",
+                           "has_opt_state", "extra"}
+
+`rng` is written only when given; `opt_state` may be left out too, which makes a params-only
+checkpoint (`save_params`, e.g. `launch/convert_checkpoint.py --to=orbax`): it restores with
+`restore_params` / `restore(..., opt_state=None)` but cannot resume training (asking for its
+`opt_state` raises `CheckpointError`). `restore_params` reads the params of either kind.
 
 Saves are asynchronous by default (`enable_async_checkpointing`): `save` returns once the arrays are
 copied off the device and the write continues in a background thread; `wait_until_finished` blocks
@@ -106,6 +112,28 @@ def _rng_from_data(data: Any, rng_target: Any, impls: list[str | None]) -> Any:
     return jax.tree.unflatten(tree, out)
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'llm/layers/q_kernel': shape} of a pytree of arrays / abstract arrays / orbax array
+    metadata (a trailing '.value' of nnx Variables is dropped, as orbax stores it)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            continue
+        names = [_key_name(k) for k in path]
+        if names and names[-1] == "value":
+            names = names[:-1]
+        out["/".join(names)] = tuple(shape)
+    return out
+
+
 class Checkpointer:
     """Keep-N, optionally asynchronous orbax checkpoints of a training state.
 
@@ -151,9 +179,11 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, step: int, *, params: Any, opt_state: Any, rng: Any = None, data_state: Any = None,
-             extra: dict | None = None, force: bool = False) -> bool:
+    def save(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None,
+             data_state: Any = None, extra: dict | None = None, force: bool = False) -> bool:
         """Start saving a checkpoint for `step`; returns whether a save was started.
+
+        `opt_state=None` (and `rng=None`) leave that item out: a params-only checkpoint.
 
         Skipped (False) when `step` is not a multiple of `save_interval_steps` (unless force) or
         is already saved completely; an incomplete directory for `step` is deleted and rewritten.
@@ -172,13 +202,15 @@ class Checkpointer:
             self._manager.delete(step)
         rng_data, impls = _rng_to_data({} if rng is None else rng)
         meta = {"step": step, "data_state": data_state, "rng_impls": impls,
-                "has_rng": rng is not None, "extra": extra or {}}
+                "has_rng": rng is not None, "has_opt_state": opt_state is not None,
+                "extra": extra or {}}
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"data_state / extra must be JSON-serialisable: {e}") from e
-        items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
-                 "meta": ocp.args.JsonSave(meta)}
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
         if rng is not None:
             items["rng"] = ocp.args.StandardSave({"rng": rng_data})   # a bare key is not a tree
         return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
@@ -198,10 +230,11 @@ class Checkpointer:
         self.close()
 
     # -- restoring ------------------------------------------------------------------------------
-    def restore(self, step: int, *, params: Any, opt_state: Any, rng: Any = None) -> Restored:
+    def restore(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None) -> Restored:
         """Restore `step` into the given targets (abstract or concrete; see `abstract_like`).
 
-        `rng=None` skips the RNG; typed-key leaves of an `rng` target come back as typed keys.
+        `opt_state=None` / `rng=None` skip that item (returned as None); typed-key leaves of an
+        `rng` target come back as typed keys.
         """
         step = int(step)
         if step not in self.all_steps():
@@ -210,8 +243,15 @@ class Checkpointer:
         meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
         if rng is not None and not meta.get("has_rng"):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no rng state")
+        if opt_state is not None and not meta.get("has_opt_state", True):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds params only (no "
+                                  f"'opt_state'); it cannot resume training")
+        self._check_shapes(step, "params", params)
         params_out = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_like(params)))
-        opt_out = self._restore_item(step, "opt_state", ocp.args.StandardRestore(abstract_like(opt_state)))
+        opt_out = None
+        if opt_state is not None:
+            opt_out = self._restore_item(step, "opt_state",
+                                         ocp.args.StandardRestore(abstract_like(opt_state)))
         rng_out = None
         if rng is not None:
             data = self._restore_item(step, "rng", ocp.args.StandardRestore({"rng": _rng_data_target(rng)}))
@@ -219,12 +259,49 @@ class Checkpointer:
         return Restored(step=int(meta.get("step", step)), params=params_out, opt_state=opt_out,
                         rng=rng_out, data_state=meta.get("data_state"), extra=meta.get("extra") or {})
 
-    def restore_latest(self, *, params: Any, opt_state: Any, rng: Any = None) -> Restored:
+    def restore_latest(self, *, params: Any, opt_state: Any = None, rng: Any = None) -> Restored:
         """Restore the latest complete checkpoint; CheckpointError when there is none."""
         step = self.latest_step()
         if step is None:
             raise CheckpointError(f"no complete checkpoint to restore in {self.directory}")
         return self.restore(step, params=params, opt_state=opt_state, rng=rng)
+
+    def restore_params(self, params: Any, *, step: int | None = None) -> Restored:
+        """Only the params of `step` (default: the latest complete one) of a training or a
+        params-only checkpoint; `opt_state` and `rng` of the result are None."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no complete checkpoint to restore in {self.directory}")
+        return self.restore(step, params=params)
+
+    def _check_shapes(self, step: int, name: str, target: Any) -> None:
+        """Compare the stored array shapes of an item with the target before reading anything, so
+        a checkpoint of another architecture fails with the params named (and orbax does not
+        leave reads in flight). Paths that cannot be matched at all are left to orbax."""
+        try:
+            meta = self._manager.item_metadata(step)[name]
+            stored = _array_shapes(getattr(meta, "tree", meta))
+        except Exception:  # noqa: BLE001 - no usable metadata: orbax's own checks still apply
+            return
+        want = _array_shapes(target)
+        if not set(want) & set(stored):
+            return
+        wrong = [(k, stored[k], want[k]) for k in sorted(set(want) & set(stored))
+                 if stored[k] != want[k]]
+        missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} arrays differ in shape, e.g. " + "; ".join(
+                f"{k}: checkpoint {a}, target {b}" for k, a, b in wrong[:3]))
+        if missing:
+            parts.append(f"{len(missing)} target arrays are not in the checkpoint, e.g. "
+                         f"{missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} checkpoint arrays are not in the target, e.g. {extra[:3]}")
+        if parts:
+            raise CheckpointError(f"cannot restore '{name}' of checkpoint step {step} in "
+                                  f"{self.directory} into the given target: " + "; ".join(parts))
 
     def _restore_item(self, step: int, name: str, args: Any) -> Any:
         """orbax restore of one item, with errors that name the step, item and directory."""
@@ -234,6 +311,40 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot restore '{name}' of checkpoint step {step} in {self.directory} into the given "
                 f"target (structure, shape or missing item): {e}") from e
+
+
+def save_params(directory: str | os.PathLike, params: Any, *, step: int = 0,
+                extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write `params` alone as a one-step orbax checkpoint directory (`<directory>/<step>/params`
+    + `meta`, the `Checkpointer` layout without opt_state / rng), atomically: it is built in a
+    hidden sibling folder and renamed into place, so `directory` is either untouched or complete.
+    An existing `directory` is an error unless `overwrite`. Single-process only."""
+    from lvr_jax.weights.io import replace_dir
+
+    if jax.process_count() > 1:
+        raise CheckpointError("save_params writes from a single process; run it with one process")
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+
+    def build(tmp: Path) -> None:
+        with Checkpointer(tmp, max_to_keep=None, async_save=False) as ck:
+            ck.save(step, params=params, extra=extra)
+            ck.wait_until_finished()
+            if ck.latest_step() != int(step):
+                raise CheckpointError(f"saving params to {tmp} did not complete step {step}")
+
+    return replace_dir(build, directory, overwrite=overwrite)
+
+
+def restore_params(directory: str | os.PathLike, params: Any, *, step: int | None = None) -> Restored:
+    """The params of checkpoint `step` (default: latest) in an existing checkpoint directory
+    (a training run's `checkpoints/` or a `save_params` directory). Nothing is created."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
+        return ck.restore_params(params, step=step)
 
 
 def install_sigterm_save(fn: Callable[[], Any], *, exit_code: int = 0,
