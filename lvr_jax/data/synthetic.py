@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from lvr_jax.data.prompts import LETTERS, format_options
+
+log = logging.getLogger(__name__)
 
 COLORS = {"red": (225, 35, 35), "green": (40, 200, 60), "blue": (45, 85, 235),
           "yellow": (240, 220, 30), "magenta": (215, 50, 215), "cyan": (40, 205, 215),
@@ -347,13 +350,21 @@ def generate_split(out, split: str, num: int, *, num_frames: int = 64, size: int
     slots = _balanced(rng, num, list(range(NUM_OPTIONS)))
     kw = dict(num_frames=num_frames, size=size, fps=fps, out=out)
     jobs = [(seed, split, i, qtypes[i], slots[i], kw) for i in range(num)]
+    every = max(1, num // 10)
+
+    def logged(results):
+        for i, rec in enumerate(results, 1):
+            if i % every == 0 or i == num:
+                log.info("synthetic %s: %d/%d videos written to %s", split, i, num, out)
+            yield rec
+
     if workers > 1 and num > 1:
         # spawn, not fork: the caller may have started threads (JAX, grain)
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            records = list(pool.map(_make_item_star, jobs, chunksize=8))
+            records = list(logged(pool.map(_make_item_star, jobs, chunksize=8)))
     else:
-        records = [_make_item_star(j) for j in jobs]
+        records = list(logged(map(_make_item_star, jobs)))
     path = out / f"{split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
