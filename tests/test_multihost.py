@@ -139,3 +139,52 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, s
                                        err_msg=f"step {step} {key}")
         for key in ("reward_mean", "accuracy", "format_rate", "response_length"):
             assert got[step][key] == want[step][key], (step, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch plumbing (no JAX processes)
+
+
+def launch_common():
+    sys.path.insert(0, str(LAUNCH))
+    import common
+    return common
+
+
+class FakeFlags:
+    def __init__(self, coordinator_address=None, num_processes=None, process_id=None):
+        self.coordinator_address = coordinator_address
+        self.num_processes = num_processes
+        self.process_id = process_id
+
+
+def test_distributed_settings_flags_then_env_then_slurm():
+    settings = launch_common().distributed_settings
+    env = {"JAX_COORDINATOR": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
+           "SLURM_NTASKS": "8"}
+    assert settings(FakeFlags("f:2", 2, 1), env) == {"coordinator_address": "f:2",
+                                                     "num_processes": 2, "process_id": 1}
+    assert settings(FakeFlags(), env) == {"coordinator_address": "h:1", "num_processes": 4,
+                                          "process_id": 3}
+    assert settings(None, {"SLURM_NTASKS": "8"}) == {}          # jax reads SLURM itself
+    assert settings(None, {"SLURM_NTASKS": "1"}) is None
+    assert settings(FakeFlags(), {}) is None
+    assert settings(FakeFlags("f:2", 1, 0), {}) is None         # one process: nothing to do
+    with pytest.raises(ValueError, match="process_id 2 is not in"):
+        settings(FakeFlags("f:2", 2, 2), {})
+    with pytest.raises(ValueError, match="num_processes"):
+        settings(FakeFlags("f:2", None, 0), {})
+
+
+def test_run_local_stops_the_others_when_one_fails():
+    code = ("import os, sys, time\n"
+            "print('up', os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], flush=True)\n"
+            "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(120)")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(LAUNCH / "run_local.py"), "--num_processes=3",
+                          "--grace_s=5", "--", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert time.time() - t0 < 40
+    assert "[p1] up 1 3" in out.stdout and "[p0] up 0 3" in out.stdout
+    assert "process 1 exited with 3; stopping the others" in out.stdout
