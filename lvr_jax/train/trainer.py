@@ -487,6 +487,7 @@ def export(run: Run, path) -> Path:
     say(f"[train] exported HF checkpoint to {out}")
     return out
 
+
 def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None,
                         limit: int | None = None, name: str = "eval") -> dict:
     """Greedy multiple-choice accuracy of a VILA-layout checkpoint on a split; writes reports."""
