@@ -61,7 +61,8 @@ def test_shared_prefix_equals_independent_prefills(vlm, prompts, shape):
     shared = Sampler(vlm, mesh).generate(prompts, **kw)
     repeated = Sampler(vlm, mesh, share_prefix=False).generate(prompts, **kw)
     np.testing.assert_array_equal(shared[0], repeated[0])
-    np.testing.assert_allclose(shared[1], repeated[1], atol=1e-5)
+    # float32 noise of a B=3 vs a B=9 ring prefill: up to 1.55e-5 on some x86 CPUs
+    np.testing.assert_allclose(shared[1], repeated[1], rtol=1e-5, atol=2e-5)
     assert len({tuple(r) for r in shared[0][:3]}) > 1  # the 3 samples of a prompt differ
     # returned logprobs are those of a teacher-forced pass at the sampling temperature
     for r in range(9):
