@@ -118,8 +118,42 @@ def _ring_perm(n: int):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_block(state, q, k, v, mask, scale):
-    """Fold one (query chunk, key chunk) block into the online-softmax state."""
+# Keys per tile inside a (query chunk, key chunk) sub-block: the scores alive at a time are
+# [B, KVH, G, Cq, KEY_TILE] instead of [B, KVH, G, Cq, Ck] (Ck = local length / 2; 16.5k tokens
+# for the 7B at 1024 frames on seq = 8, 29 GiB of float32 scores untiled).
+KEY_TILE = 512
+
+
+def _key_tiles(length: int) -> tuple[int, int]:
+    """(tile size, number of tiles) for a key chunk of `length` keys."""
+    tile = min(KEY_TILE, length)
+    return tile, -(-length // tile)
+
+
+def _key_tile(i, tile: int, length: int, q_pos, q_seg, kv_pos, kv_seg, causal: bool):
+    """Start of key tile `i` and its mask. The last tile is shifted back to end at `length`;
+    keys it shares with the tile before are masked out (each key is folded in once)."""
+    start = jnp.minimum(i * tile, length - tile)
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, tile, axis=1)  # noqa: E731
+    fresh = start + jnp.arange(tile) >= i * tile
+    return start, take, _mask(q_pos, q_seg, take(kv_pos), take(kv_seg), causal) & fresh
+
+
+def _fwd_block(state, q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale):
+    """Fold one (query chunk, key chunk) sub-block into the online-softmax state, tile by tile."""
+    tile, n = _key_tiles(k.shape[1])
+    if n == 1:
+        return _fwd_tile(state, q, k, v, _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
+
+    def one(i, st):
+        _, take, mask = _key_tile(i, tile, k.shape[1], q_pos, q_seg, kv_pos, kv_seg, causal)
+        return _fwd_tile(st, q, take(k), take(v), mask, scale)
+
+    return jax.lax.fori_loop(0, n, one, state)
+
+
+def _fwd_tile(state, q, k, v, mask, scale):
+    """Fold one block of keys into the online-softmax state."""
     m, l, acc = state  # m, l: [B, KVH, G, Cq]; acc: [B, KVH, G, Cq, D]; float32
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
     s = jnp.where(mask, s, -jnp.inf)
@@ -139,6 +173,12 @@ def _num_chunks(length: int) -> int:
 
 def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
     """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``."""
+    # Tie the positions / segment ids to q. Under a differentiated layer scan they are loop
+    # invariant, and JAX's scan partial evaluation hoists everything that depends only on them
+    # (the sub-block masks, broadcast to [B, KVH, G, Cq, Ck], and the -inf / 0 fills) out of
+    # the layer loop, stacked over the n - 1 ring steps (launch/plan_memory.py: the 7B GRPO
+    # update at 512 frames on seq = 8 needed 676 GiB of temp per device with it, 44 without).
+    q, q_pos, kv_pos, q_seg, kv_seg = jax.lax.optimization_barrier((q, q_pos, kv_pos, q_seg, kv_seg))
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     n = jax.lax.axis_size(axis_name)
@@ -168,11 +208,11 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
             st = state[a]
             for c in range(nk):
                 live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
-                mask = _mask(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
                 st = jax.lax.cond(
                     live,
-                    functools.partial(_fwd_block, q=q_c[a], k=k_c[c], v=v_c[c], mask=mask,
-                                      scale=scale),
+                    functools.partial(_fwd_block, q=q_c[a], k=k_c[c], v=v_c[c], q_pos=qp_c[a],
+                                      q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
+                                      causal=causal, scale=scale),
                     lambda s: s,
                     st,
                 )
@@ -204,8 +244,26 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
 # ----------------------------------------------------------------------------- backward
 
 
-def _bwd_block(acc, q, k, v, do, lse, delta, mask, scale):
-    """Gradient contributions of one block; ``acc = (dq_a, dk_c, dv_c)`` in float32."""
+def _bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal, scale):
+    """Gradient contributions of one sub-block, tile by tile; ``acc = (dq_a, dk_c, dv_c)``."""
+    tile, n = _key_tiles(k.shape[1])
+    if n == 1:
+        return _bwd_tile(acc, q, k, v, do, lse, delta,
+                         _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
+
+    def one(i, carry):
+        dq, dk, dv = carry
+        start, take, mask = _key_tile(i, tile, k.shape[1], q_pos, q_seg, kv_pos, kv_seg, causal)
+        dq, dk_t, dv_t = _bwd_tile((dq, take(dk), take(dv)), q, take(k), take(v), do, lse, delta,
+                                   mask, scale)
+        put = lambda x, t: jax.lax.dynamic_update_slice_in_dim(x, t, start, axis=1)  # noqa: E731
+        return dq, put(dk, dk_t), put(dv, dv_t)
+
+    return jax.lax.fori_loop(0, n, one, acc)
+
+
+def _bwd_tile(acc, q, k, v, do, lse, delta, mask, scale):
+    """Gradient contributions of one block of keys; ``acc = (dq_a, dk, dv)`` in float32."""
     dq, dk, dv = acc
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
@@ -245,11 +303,12 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
         for a in range(nq):
             for c in range(nk):
                 live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
-                mask = _mask(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
                 dq[a], dk[c], dv[c] = jax.lax.cond(
                     live,
                     functools.partial(_bwd_block, q=q_c[a], k=k_c[c], v=v_c[c], do=do_c[a],
-                                      lse=lse_c[a], delta=delta_c[a], mask=mask, scale=scale),
+                                      lse=lse_c[a], delta=delta_c[a], q_pos=qp_c[a],
+                                      q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
+                                      causal=causal, scale=scale),
                     lambda s: s,
                     (dq[a], dk[c], dv[c]),
                 )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from sharding import ring_attention as ring_module
 from sharding.mesh import make_mesh
 from sharding.ring_attention import (
     dense_attention,
@@ -140,6 +141,15 @@ def test_ring_matches_dense_causal_packed_gqa(name):
     out, _ = check_against_dense(mesh, True, seg, seed=hash(name) % 1000)
     # padding queries attend to nothing: exactly zero output
     assert float(jnp.abs(jnp.where((seg < 0)[..., None, None], out, 0.0)).max()) == 0.0
+
+
+@pytest.mark.parametrize("tile,name", [(3, "seq2"), (4, "seq1")])
+def test_ring_key_tiles_match_dense(tile, name, monkeypatch):
+    """Sub-blocks folded in key tiles that do not divide the key chunks (37 tokens padded to 40
+    on seq 2: chunks of 10, tiles 3, 3, 3 and a last one shifted back over 2 keys already
+    folded; on seq 1 chunks of 19 in tiles of 4)."""
+    monkeypatch.setattr(ring_module, "KEY_TILE", tile)
+    check_against_dense(make_mesh(MESHES[name]), True, packed_segments(), seed=30 + tile)
 
 
 def test_ring_matches_dense_noncausal():
