@@ -10,6 +10,7 @@ from configs import tiny
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
 from lvr_jax.rl.grpo import grpo_loss
 from lvr_jax.rl.policy import response_logprobs
+from lvr_jax.rollout import branches
 from lvr_jax.rollout.sampler import left_pad
 from sharding.mesh import make_mesh
 from tests.conftest import perturb
@@ -32,8 +33,11 @@ def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
     return jnp.take_along_axis(lp_, tok[..., None], -1)[..., 0].reshape(b, G, T)
 
 
-@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])
-def test_shared_prefix_loss_and_grads_equal_full_sequences(shape):
+@pytest.mark.parametrize("shape,chunk", [(None, None), ({"seq": 4, "data": -1}, None),
+                                         ({"seq": 4, "data": -1}, 3)])
+def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, monkeypatch):
+    if chunk:   # T - 1 = 4 teacher-forced queries in chunks of 3 (one padded chunk)
+        monkeypatch.setattr(branches, "QUERY_CHUNK", chunk)
     model = perturb(init_vlm(vlm_config_from(tiny.get_config().model), 2), seed=9, scale=0.2)
     llm = model.llm
     rng = np.random.default_rng(3)

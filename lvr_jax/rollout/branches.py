@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lvr_jax.models.attention import rope_cos_sin, values
+from lvr_jax.models.attention import rope_cos_sin, scan_layers, values
 from lvr_jax.models.qwen2 import LAYER_PARAMS, decoder_layer
 
 
@@ -38,10 +38,20 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None):
     return m, l_sum, o
 
 
+# Training runs all T response tokens of a branch at once; their scores against a device's prefix
+# shard are [B, G, T, H, S_local] float32 (14 GiB for the 7B at 512 frames, T = 1023, seq = 8).
+# Longer responses go through in chunks of this many queries, each chunk rematerialised in the
+# backward pass, so one chunk's scores are alive at a time. Decode (T = 1) never chunks.
+QUERY_CHUNK = 256
+
+
 def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
-                     *, mesh=None, axis="seq"):
+                     *, mesh=None, axis="seq", query_chunk: int | None = None):
     """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] (sharded over
-    `axis`); cache [B, G, C, KVH, D] of which entries < `step` are valid. -> [B, G, T, H, D]."""
+    `axis`); cache [B, G, C, KVH, D] of which entries < `step` are valid. -> [B, G, T, H, D].
+    Queries run in chunks of `query_chunk` (default QUERY_CHUNK) when T is longer (same result,
+    less memory)."""
+    query_chunk = query_chunk or QUERY_CHUNK
     b, g, t, h, d = q.shape
     kvh = k_new.shape[-2]
     qg = q.reshape(b, g, t, kvh, h // kvh, d)
@@ -50,22 +60,38 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
         stats = jax.shard_map(functools.partial(prefix_stats, scale=scale, axis=axis), mesh=mesh,
                               in_specs=(P(), P(None, axis), P(None, axis), P(None, axis)),
                               out_specs=P(), axis_names={axis})
-        m1, l1, o1 = stats(qg, prefix_k, prefix_v, prefix_valid)
     else:
-        m1, l1, o1 = prefix_stats(qg, prefix_k, prefix_v, prefix_valid, scale=scale)
+        stats = functools.partial(prefix_stats, scale=scale)
     c = cache_k.shape[2]
     keys = jnp.concatenate([cache_k.astype(k_new.dtype), k_new], axis=2)   # [B, G, C+T, KVH, D]
     vals = jnp.concatenate([cache_v.astype(v_new.dtype), v_new], axis=2)
-    j, i = jnp.arange(c + t)[None, :], jnp.arange(t)[:, None]
-    own = jnp.where(j < c, j < step, j - c <= i)                             # [T, C+T]
-    s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qg, keys, preferred_element_type=jnp.float32) * scale
-    s2 = jnp.where(own[:, None, None, :], s2, -jnp.inf)
-    m = jnp.maximum(m1, jax.lax.stop_gradient(jnp.max(s2, axis=-1)))
-    w1 = jnp.exp(m1 - m)
-    p2 = jnp.exp(s2 - m[..., None])
-    denom = l1 * w1 + jnp.sum(p2, axis=-1)
-    num = o1 * w1[..., None] + jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2, vals.astype(jnp.float32))
-    return (num / denom[..., None]).reshape(b, g, t, h, d).astype(q.dtype)
+
+    def attend(qc, first):
+        """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ..."""
+        m1, l1, o1 = stats(qc, prefix_k, prefix_v, prefix_valid)
+        j, i = jnp.arange(c + t)[None, :], first + jnp.arange(qc.shape[2])[:, None]
+        own = jnp.where(j < c, j < step, j - c <= i)                         # [Tc, C+T]
+        s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qc, keys,
+                        preferred_element_type=jnp.float32) * scale
+        s2 = jnp.where(own[:, None, None, :], s2, -jnp.inf)
+        m = jnp.maximum(m1, jax.lax.stop_gradient(jnp.max(s2, axis=-1)))
+        w1 = jnp.exp(m1 - m)
+        p2 = jnp.exp(s2 - m[..., None])
+        denom = l1 * w1 + jnp.sum(p2, axis=-1)
+        num = o1 * w1[..., None] + jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2,
+                                              vals.astype(jnp.float32))
+        return (num / denom[..., None]).astype(q.dtype)
+
+    if t <= query_chunk:
+        out = attend(qg, 0)
+    else:
+        n = -(-t // query_chunk)
+        padded = jnp.pad(qg, [(0, 0), (0, 0), (0, n * query_chunk - t)] + [(0, 0)] * 3)
+        chunks = jnp.moveaxis(padded.reshape(b, g, n, query_chunk, *qg.shape[3:]), 2, 0)
+        out = jax.lax.map(jax.checkpoint(lambda a: attend(*a)),
+                          (chunks, jnp.arange(n) * query_chunk))
+        out = jnp.moveaxis(out, 0, 2).reshape(b, g, n * query_chunk, *qg.shape[3:])[:, :, :t]
+    return out.reshape(b, g, t, h, d)
 
 
 def branch_forward(llm, prefix_k, prefix_v, prefix_valid, prefix_lengths, tokens, *,
@@ -95,6 +121,9 @@ def branch_forward(llm, prefix_k, prefix_v, prefix_valid, prefix_lengths, tokens
         x, (k, v) = decoder_layer(cfg, p, x, cos, sin, attend)
         return x, (k.reshape(b, g, t, *k.shape[2:]), v.reshape(b, g, t, *v.shape[2:]))
 
+    # remat as in the prompt's forward (cfg.remat): without it the backward keeps every layer's
+    # branch-vs-prefix scores [B, G, T, H, S_local] (float32) at once
     stacked = values(llm.layers, LAYER_PARAMS)
-    x, new_kv = jax.lax.scan(layer, x, (stacked, prefix_k, prefix_v, *cache))
+    x, new_kv = scan_layers(lambda xs, x: layer(x, xs), (stacked, prefix_k, prefix_v, *cache), x,
+                            remat=cfg.remat)
     return x.reshape(b, g, t, -1), new_kv
