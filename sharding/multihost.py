@@ -24,17 +24,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sharding.mesh import logical_to_spec
 
 
-def batch_sharding(mesh, batch: int, ndim: int, rules=None) -> NamedSharding:
-    """Sharding of a [batch, ...] array of rank `ndim`: dim 0 over the 'batch' mesh axes (when
-    they divide it), the other dims replicated."""
-    spec = logical_to_spec(("batch",), (batch,), mesh, rules)
-    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - 1))))
+def batch_sharding(mesh, shape, rules=None, names=("batch",)) -> NamedSharding:
+    """Sharding of a [batch, ...] array: its leading dims by the logical `names` (dim 0
+    'batch'; e.g. ("batch", "frames") for clips), each only where its mesh axes divide it; the
+    other dims replicated."""
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+    return NamedSharding(mesh, logical_to_spec(names, tuple(shape), mesh, rules))
 
 
 def batch_rows(mesh, batch: int, rules=None) -> tuple[int, int]:
     """(shard index, shard count): this process feeds rows [i * batch / count, (i + 1) * batch /
     count) of the global batch. (0, 1) when every process needs the whole batch."""
-    sharding = batch_sharding(mesh, batch, 1, rules)
+    sharding = batch_sharding(mesh, (batch,), rules)
     spans = {(s.start or 0, batch if s.stop is None else s.stop)
              for (s,) in sharding.addressable_devices_indices_map((batch,)).values()}
     start, stop = min(a for a, _ in spans), max(b for _, b in spans)
@@ -46,12 +47,13 @@ def batch_rows(mesh, batch: int, rules=None) -> tuple[int, int]:
     return start // size, batch // size
 
 
-def put_batch(local: np.ndarray, mesh, batch: int, rules=None) -> jax.Array:
+def put_batch(local: np.ndarray, mesh, batch: int, rules=None, names=("batch",)) -> jax.Array:
     """This process's rows (or the whole batch) [rows, ...] -> a global [batch, ...] array
-    sharded like `batch_sharding`."""
+    sharded like `batch_sharding` (`names`: logical names of the leading dims)."""
     local = np.asarray(local)
-    return jax.make_array_from_process_local_data(
-        batch_sharding(mesh, batch, local.ndim, rules), local, (batch,) + local.shape[1:])
+    shape = (batch,) + local.shape[1:]
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, rules, names),
+                                                  local, shape)
 
 
 def put_replicated(value, mesh) -> jax.Array:

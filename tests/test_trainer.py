@@ -108,3 +108,24 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run():
     upd, state = tx.update(good, state, params)
     assert trainer.nonfinite_counts(state) == (0, 2)
     assert jax.tree.leaves(upd)[0].shape == (3,)
+
+
+def test_schedule_counts_optimizer_updates_under_gradient_accumulation():
+    """40 steps with grad_accum_steps=4 are 10 updates: warmup of 2 updates, then the cosine
+    decay reaches its end at the last update (not at a quarter of the way)."""
+    optim = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=2, final_lr_fraction=0.0,
+                                           b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1e9,
+                                           grad_accum_steps=4))
+    tx = trainer.make_optimizer(optim, 40)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    sizes = []
+    for step in range(1, 41):
+        upd, state = tx.update({"w": jnp.ones(())}, state, params)
+        if step % 4 == 0:
+            sizes.append(abs(float(upd["w"])))
+        else:
+            assert float(upd["w"]) == 0.0                      # accumulating, no update yet
+    assert sizes[0] == 0.0 and abs(sizes[2] - 1.0) < 1e-5       # warmup 0 -> peak at update 2
+    assert all(a > b for a, b in zip(sizes[2:], sizes[3:]))      # decays every update after
+    assert sizes[-1] < 0.05

@@ -45,9 +45,12 @@ class NonFiniteError(RuntimeError):
 
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay, global-norm clipping, non-finite skipping, accumulation."""
+    """AdamW with warmup + cosine decay, global-norm clipping, non-finite skipping, accumulation.
+    `total_steps` counts training steps; with `grad_accum_steps` = k the schedule (and
+    `warmup_steps`) counts optimizer updates, one per k steps."""
+    updates = max(1, total_steps // max(1, optim.grad_accum_steps))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, max(1, min(optim.warmup_steps, total_steps - 1)), max(total_steps, 2),
+        0.0, optim.lr, max(1, min(optim.warmup_steps, updates - 1)), max(updates, 2),
         end_value=optim.lr * optim.final_lr_fraction)
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
@@ -115,12 +118,15 @@ def data_config(config, **overrides) -> DataConfig:
     return DataConfig(**{**fields, **overrides})
 
 
+BATCH_AXES = {"frames": ("batch", "frames"), "input_ids": ("batch",),
+              "attention_mask": ("batch",), "loss_mask": ("batch",)}
+
+
 def device_batch(run: "Run", batch: dict) -> dict:
-    """The array fields of this process's rows of a batch -> global arrays sharded over the
-    batch axes (strings stay on the host)."""
-    keys = ("frames", "input_ids", "attention_mask", "loss_mask")
-    return {k: put_batch(batch[k], run.mesh, run.global_batch, run.rules)
-            for k in keys if k in batch}
+    """The array fields of this process's rows of a batch -> global arrays, rows over the batch
+    axes and clips' frames over the frame axis (strings stay on the host)."""
+    return {k: put_batch(batch[k], run.mesh, run.global_batch, run.rules, names=names)
+            for k, names in BATCH_AXES.items() if k in batch}
 
 
 @dataclasses.dataclass
@@ -324,7 +330,8 @@ def batch_features(model, frames, mesh=None):
     return jnp.stack([vision_features(model.vision, f, mesh=mesh) for f in frames])
 
 
-@functools.partial(nnx.jit, static_argnames=("mesh", "freeze_vision"))
+@functools.partial(nnx.jit, static_argnames=("mesh", "freeze_vision"),
+                   donate_argnames=("model", "optimizer"))
 def sft_update(model, optimizer, frames, ids, attn, loss_mask, mesh=None, freeze_vision=True):
     feats = batch_features(model, frames, mesh)
     if freeze_vision:
@@ -359,18 +366,18 @@ def train_sft(config, workdir) -> Run:
 # GRPO
 
 
-@functools.partial(nnx.jit, static_argnames=("mesh",))
+@functools.partial(nnx.jit, static_argnames=("mesh",), graph_updates=False)
 def encode_batch(model, frames, mesh=None):
     """Vision features of every prompt's frames, computed once per step (frozen tower)."""
     return batch_features(model, frames, mesh)
 
 
-@functools.partial(nnx.jit, static_argnames=("multiple",))
+@functools.partial(nnx.jit, static_argnames=("multiple",), graph_updates=False)
 def make_prompts(model, feats, ids, attn, multiple):
     return steps.rollout_prompts(model, feats, ids, attn, multiple)
 
 
-@functools.partial(nnx.jit, static_argnames=("temperature", "multiple", "mesh"))
+@functools.partial(nnx.jit, static_argnames=("temperature", "multiple", "mesh"), graph_updates=False)
 def logprobs_under(model, feats, ids, attn, responses, temperature, multiple, mesh=None):
     """log p of the responses under `model` (the reference, or the policy for recomputed old
     log-probs), prompt run once per group."""
@@ -378,7 +385,8 @@ def logprobs_under(model, feats, ids, attn, responses, temperature, multiple, me
                                 multiple=multiple, mesh=mesh)
 
 
-@functools.partial(nnx.jit, static_argnames=("rl", "multiple", "mesh"))
+@functools.partial(nnx.jit, static_argnames=("rl", "multiple", "mesh"),
+                   donate_argnames=("model", "optimizer"))
 def grpo_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv,
                 rl, multiple, mesh=None):
     def loss_fn(model):
@@ -425,7 +433,7 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
     t0 = time.perf_counter()
     multiple = sampler.pad_multiple
     with jax.profiler.TraceAnnotation("encode"):
-        feats = encode_batch(run.model, b["frames"], mesh=run.mesh)
+        feats = encode_batch(run.model, b.pop("frames"), mesh=run.mesh)    # frames freed here
         x, mask = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], multiple)
     params = SamplingParams(int(rl.max_new_tokens), float(rl.temperature), float(rl.top_p),
                             int(rl.top_k), g)
