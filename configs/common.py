@@ -97,21 +97,28 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
 
     Values follow the reference recipe: GRPO on 256 frames x 257 tokens per frame with G = 8
     samples, lr 1e-6, sequence parallel over 8 devices (Long-RL's example script uses 256 frames
-    and Ulysses 4); CoT-SFT at lr 1e-5. Set data.dir and init_checkpoint on the command line."""
+    and Ulysses 4); CoT-SFT at lr 1e-5. One prompt per step (its G samples share one prefill),
+    gradients accumulated over several steps: launch/plan_memory.py puts one 7B GRPO step at
+    about 42 GiB per device at 256 frames and 76 GiB at 1024, but 4 prompts at 256 frames over
+    180 GiB. Set data.dir and init_checkpoint on the command line."""
     stage = check_stage(stage)
     c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1))
+    # ZeRO-3 over every device: params, grads and optimizer state sharded over fsdp AND the seq
+    # devices (with fsdp=1 x seq=8, "embed": "fsdp" alone would replicate the fp32 params + Adam
+    # state of the 7B, ~117 GiB per device with the reference; launch/plan_memory.py)
+    c.sharding_rules.embed = "fsdp+seq"
     c.data.pipeline.num_frames = 256
     c.data.pipeline.max_length = 1024
     c.data.pipeline.num_workers = 8
+    c.data.pipeline.batch_size = 1
     c.eval.max_new_tokens = 1024
+    c.eval.batch_size = 1
     if stage == "sft":
-        c.optim.lr, c.optim.warmup_steps = 1e-5, 100
-        c.train.steps = 2000
-        c.data.pipeline.batch_size = 8
+        c.optim.lr, c.optim.warmup_steps, c.optim.grad_accum_steps = 1e-5, 100, 8
+        c.train.steps = 16000
         c.data.pipeline.max_length = 4096
     else:
-        c.optim.lr, c.optim.warmup_steps = 1e-6, 10
-        c.train.steps = 500
-        c.data.pipeline.batch_size = 4
+        c.optim.lr, c.optim.warmup_steps, c.optim.grad_accum_steps = 1e-6, 40, 4
+        c.train.steps = 2000
         c.rl.group_size, c.rl.max_new_tokens, c.rl.beta = 8, 1024, 0.01
     return c

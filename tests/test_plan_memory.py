@@ -1,0 +1,75 @@
+"""launch/plan_memory.py on the tiny demo config: abstract compiles of the GRPO step's phases give
+per-device memory that behaves as sharding and sequence length say it must."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from configs import demo
+from sharding.mesh import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pm():
+    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "launch" / "plan_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plan_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def config(**rules):
+    c = demo.get_config("grpo")
+    c.data.pipeline.max_length = 32
+    c.data.pipeline.batch_size = 2
+    c.sharding_rules.update(rules)
+    return c
+
+
+def mesh(seq: int):
+    return make_mesh({"data": 1, "fsdp": 1, "seq": seq, "tensor": 1}, devices=jax.devices()[:seq])
+
+
+def test_prefill_memory_scales_with_frames_and_seq(pm):
+    ring = pm.Plan.build(config(), mesh(4))
+    short, = pm.plan_step(ring, 4, phases=("prefill",), log=lambda _: None)
+    long, = pm.plan_step(ring, 16, phases=("prefill",), log=lambda _: None)
+    single, = pm.plan_step(pm.Plan.build(config(), mesh(1)), 16, phases=("prefill",),
+                           log=lambda _: None)
+    for r in (short, long, single):
+        assert r.phase == "prefill" and min(r.args, r.outputs, r.temp, r.held) > 0
+        assert r.peak == r.args + r.outputs - r.alias + r.temp + r.held
+        # held = what the step keeps outside the prefill: optimizer, reference, frames, features
+        assert set(r.held_items) == set(pm.HOLDS["prefill"])
+    assert long.temp > short.temp
+    assert long.outputs > short.outputs          # the prefix K/V grows with the prompt
+    # the ring splits the prompt over 4 devices: each holds much less than the whole
+    assert long.temp < 0.5 * single.temp
+    assert long.outputs < 0.5 * single.outputs
+    tokens = pm.step_shapes(ring.config, ring.mesh, 16).prompt_tokens
+    assert tokens == 16 * 17 + 32 - 1             # 17 embeddings per tiny frame + text - placeholder
+
+
+def test_seq_shared_param_rule_shards_the_state(pm):
+    plain = pm.Plan.build(config(), mesh(4)).persistent()
+    zero3 = pm.Plan.build(config(embed="fsdp+seq"), mesh(4)).persistent()
+    assert plain["ref_params"] == plain["policy_params"] > 0
+    assert plain["opt_state"] > plain["policy_params"] - plain["non_llm_params"]   # mu + nu
+    for k in ("policy_params", "opt_state", "ref_params"):
+        assert zero3[k] < 0.5 * plain[k]
+
+
+def test_verdict_and_table(pm):
+    row = lambda phase, temp: pm.PhaseMemory(phase, 8, 10, 5, 5, temp, 3, {"opt_state": 3}, 1.0)  # noqa: E731
+    rows = [row("prefill", 100), row("update", 200)]
+    assert pm.verdict(rows, 300) == {8: ("update", 213, True)}
+    assert pm.verdict(rows, 212) == {8: ("update", 213, False)}
+    info = dict(devices=8, mesh={"seq": 8}, rules_changed={}, batch=1, group=8, new_tokens=16,
+                text=32, tokens={8: 167}, persistent={"opt_state": 3})
+    table = pm.markdown(rows, info, 212)
+    assert "| 8 | 167 | update |" in table and "DOES NOT FIT (largest: update" in table
