@@ -254,10 +254,28 @@ def _out(compiled):
     return out[0] if type(compiled).__name__ == "SimpleCompiled" else out[2]
 
 
+@contextlib.contextmanager
+def gpu_ring():
+    """The ring attention as it compiles for GPUs (positions tied to the queries, see
+    `sharding.ring_attention.TIE_POSITIONS`, which is off on the CPU backend)."""
+    from sharding import ring_attention
+
+    old, ring_attention.TIE_POSITIONS = ring_attention.TIE_POSITIONS, True
+    try:
+        yield
+    finally:
+        ring_attention.TIE_POSITIONS = old
+
+
 def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASES, log=print):
     """Compile the phases of one GRPO step at `frames` frames; returns [PhaseMemory] of the
     phases asked for (the ones before them are compiled too: their outputs' shardings are the
     next phase's inputs)."""
+    with gpu_ring():
+        return _plan_step(plan, frames, batch=batch, phases=phases, log=log)
+
+
+def _plan_step(plan: Plan, frames: int, *, batch, phases, log):
     import jax
     import jax.numpy as jnp
     from flax import nnx

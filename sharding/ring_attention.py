@@ -118,6 +118,22 @@ def _ring_perm(n: int):
 # ----------------------------------------------------------------------------- forward
 
 
+# Tie the positions / segment ids to q with an optimization_barrier. Under a differentiated
+# layer scan they are loop invariant, and JAX's scan partial evaluation hoists everything that
+# depends only on them (the sub-block masks, broadcast to [B, KVH, G, Cq, Ck], and the -inf / 0
+# fills) out of the layer loop, stacked over the ring steps (launch/plan_memory.py: the 7B GRPO
+# update at 512 frames on seq = 8 needs 181 GiB of temp per device without the tie, 35 with it).
+# None = on, except on the CPU backend: there XLA:CPU's runtime deadlocked on the tied program
+# (a device reached a later all-reduce while its peers still waited in a collective-permute of
+# the layer loop; the tiny CPU models do not need the memory). launch/plan_memory.py, which
+# stands CPU compiles in for GPU ones, sets it True.
+TIE_POSITIONS: bool | None = None
+
+
+def tie_positions() -> bool:
+    return jax.default_backend() != "cpu" if TIE_POSITIONS is None else TIE_POSITIONS
+
+
 # Keys per tile inside a (query chunk, key chunk) sub-block: the scores alive at a time are
 # [B, KVH, G, Cq, KEY_TILE] instead of [B, KVH, G, Cq, Ck] (Ck = local length / 2; 16.5k tokens
 # for the 7B at 1024 frames on seq = 8, 29 GiB of float32 scores untiled).
@@ -173,12 +189,9 @@ def _num_chunks(length: int) -> int:
 
 def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
     """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``."""
-    # Tie the positions / segment ids to q. Under a differentiated layer scan they are loop
-    # invariant, and JAX's scan partial evaluation hoists everything that depends only on them
-    # (the sub-block masks, broadcast to [B, KVH, G, Cq, Ck], and the -inf / 0 fills) out of
-    # the layer loop, stacked over the n - 1 ring steps (launch/plan_memory.py: the 7B GRPO
-    # update at 512 frames on seq = 8 needed 676 GiB of temp per device with it, 44 without).
-    q, q_pos, kv_pos, q_seg, kv_seg = jax.lax.optimization_barrier((q, q_pos, kv_pos, q_seg, kv_seg))
+    if tie_positions():
+        q, q_pos, kv_pos, q_seg, kv_seg = jax.lax.optimization_barrier(
+            (q, q_pos, kv_pos, q_seg, kv_seg))
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     n = jax.lax.axis_size(axis_name)
