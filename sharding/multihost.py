@@ -59,15 +59,11 @@ def put_batch(local: np.ndarray, mesh, batch: int, rules=None, names=("batch",))
 def put_replicated(value, mesh) -> jax.Array:
     """A value that is the same on every process (array or typed PRNG key) -> replicated on
     the mesh. Unlike `jax.device_put`, this works when the mesh spans processes."""
-    sharding = NamedSharding(mesh, PartitionSpec())
     is_key = jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key)
-    if is_key:
-        impl = jax.random.key_impl(value)
-        data = np.asarray(jax.device_get(jax.random.key_data(value)))
-        out = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
-        return jax.random.wrap_key_data(out, impl=impl)
-    data = np.asarray(jax.device_get(value))
-    return jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+    data = np.asarray(jax.device_get(jax.random.key_data(value) if is_key else value))
+    out = jax.make_array_from_callback(data.shape, NamedSharding(mesh, PartitionSpec()),
+                                       lambda idx: data[idx])
+    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(value)) if is_key else out
 
 
 def host_array(x) -> np.ndarray:
@@ -95,9 +91,9 @@ def gather_rows(local: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
 
 def gather_json(obj) -> list:
     """A JSON-able value from every process, in process order (the same list on all)."""
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     if jax.process_count() == 1:
         return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([data.size]), tiled=True)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:data.size] = data
