@@ -27,7 +27,6 @@ def _distributed_flags():
                             "host:port of process 0 for jax.distributed (multi-host runs)")
         flags.DEFINE_integer("num_processes", None, "number of JAX processes (multi-host runs)")
         flags.DEFINE_integer("process_id", None, "this process's index (multi-host runs)")
-    return f
 
 
 def distributed_settings(flag_values=None, environ=None) -> dict | None:

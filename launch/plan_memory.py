@@ -137,19 +137,17 @@ def shard_bytes(tree) -> int:
 
 def place(module, mesh, rules):
     """Give every (abstract) Variable of `module` a ShapeDtypeStruct with the NamedSharding of its
-    logical names (`sharding.mesh.logical_sharding`, as `hf.load_vlm` places loaded params)."""
+    logical names (`sharding.mesh.param_shardings`, as `hf.load_vlm` places loaded params)."""
     import jax
     from flax import nnx
 
-    from sharding.mesh import logical_sharding
+    from sharding.mesh import param_shardings
 
-    def one(v):
-        names = v.get_metadata().get("out_sharding")
-        sharding = logical_sharding(names, v.shape, mesh, rules)
-        return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
-
-    state = jax.tree.map(one, nnx.state(module), is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.update(module, state)
+    state = nnx.state(module)
+    placed = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                          state, param_shardings(state, mesh, rules),
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(module, placed)
     return module
 
 

@@ -20,6 +20,15 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i != tokenizer.unk_token_id)
 
 
+def make_sampler(model, mesh, tokenizer) -> Sampler:
+    """A sampler that stops at the tokenizer's `stop_ids` and pads finished rows with its pad id
+    (else the first stop id)."""
+    eos = stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    return Sampler(model, mesh, eos_ids=eos, pad_id=int(pad))
+
+
 def evaluate(model, tokenizer, batches, *, mesh=None, max_new_tokens: int = 96,
              prompt_fn=None, features_fn=None, limit: int | None = None, on_batch=None) -> dict:
     """Greedy-decode every batch of an RL-mode data iterator and score the answers.
@@ -28,8 +37,7 @@ def evaluate(model, tokenizer, batches, *, mesh=None, max_new_tokens: int = 96,
     trainer's compiled helpers; `on_batch(items_done, items_correct)` is called after each
     batch. Returns {"accuracy", "format_rate", "n", "per_category": {...}, "items": [...]}.
     """
-    eos = stop_ids(tokenizer)
-    sampler = Sampler(model, mesh, eos_ids=eos, pad_id=eos[0] if eos else 0)
+    sampler = make_sampler(model, mesh, tokenizer)
     params = SamplingParams(max_new_tokens, 0.0, 1.0, 0, 1)
     per_cat = collections.defaultdict(list)
     items = []

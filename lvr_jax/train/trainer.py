@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from lvr_jax.data.dataset import DataConfig, load_records, make_iter_dataset
 from lvr_jax.data.video import Preprocessor
-from lvr_jax.eval.video_qa import evaluate, stop_ids, write_report
+from lvr_jax.eval.video_qa import evaluate, make_sampler, write_report
 from lvr_jax.rl.grpo import filter_groups, group_advantages
 from lvr_jax.rl.rewards import batch_rewards
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
@@ -481,10 +481,7 @@ def train_grpo(config, workdir) -> Run:
     """Stage 2: GRPO with a frozen reference model (the initial policy)."""
     run = setup(config, workdir, mode="rl")
     ref, _, _ = load_model(config, config.init_checkpoint, run.mesh)
-    tok = run.tokenizer
-    eos = stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    sampler = Sampler(run.model, run.mesh, eos_ids=eos, pad_id=int(pad))
+    sampler = make_sampler(run.model, run.mesh, run.tokenizer)
     loop(run, lambda r, b: grpo_step(r, b, ref, sampler), what="grpo")
     return run
 
