@@ -182,15 +182,11 @@ class Generator:
     def load(self):
         """Load the weights onto the mesh (once)."""
         if self.model is None:
-            from lvr_jax.eval.video_qa import stop_ids
-            from lvr_jax.rollout.sampler import Sampler
+            from lvr_jax.eval.video_qa import make_sampler
             from lvr_jax.train import trainer
 
             self.model, _, _ = trainer.load_model(self.config, self.checkpoint, self.mesh)
-            eos = stop_ids(self.tokenizer)
-            pad = self.tokenizer.pad_token_id
-            pad = pad if pad is not None else (eos[0] if eos else 0)
-            self._sampler = Sampler(self.model, self.mesh, eos_ids=eos, pad_id=int(pad))
+            self._sampler = make_sampler(self.model, self.mesh, self.tokenizer)
         return self.model
 
     # -- answering ------------------------------------------------------------------------------
@@ -345,6 +341,7 @@ def main():
             run_flags(holders)
         except InputError as e:
             sys.exit(f"[generate] error: {e}")
+        common.finish()
 
     app.run(body)
 
