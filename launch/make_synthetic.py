@@ -28,12 +28,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32, help="frame side in pixels (even, >= 16)")
     p.add_argument("--fps", type=int, default=8, help="frame rate written in the mp4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qtypes", default=",".join(synthetic.DEFAULT_QTYPES),
+                   help=f"comma-separated question types, of {list(synthetic.GENERATORS)}")
     p.add_argument("--workers", type=int, default=0, help="processes writing videos (0: this one)")
     args = p.parse_args(argv)
     if not synthetic.MIN_FRAMES <= args.frames <= synthetic.MAX_FRAMES:
         p.error(f"--frames must be in [{synthetic.MIN_FRAMES}, {synthetic.MAX_FRAMES}]")
     if args.size < 16 or args.size % 2:
         p.error("--size must be even and >= 16")
+    try:
+        args.qtypes = synthetic.check_qtypes(args.qtypes)
+    except ValueError as e:
+        p.error(f"--qtypes: {e}")
     if min(args.num_train, args.num_val, args.num_test) < 0:
         p.error("split sizes must be >= 0")
     return args
@@ -45,7 +51,7 @@ def main(argv=None) -> None:
     paths = synthetic.generate_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
                                        num_test=args.num_test, num_frames=args.frames,
                                        size=args.size, seed=args.seed, fps=args.fps,
-                                       workers=args.workers)
+                                       workers=args.workers, qtypes=args.qtypes)
     took = time.perf_counter() - start
     total = args.num_train + args.num_val + args.num_test
     print(json.dumps({"out": str(Path(args.out).resolve()), "splits": {k: str(v) for k, v in paths.items()},

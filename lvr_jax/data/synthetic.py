@@ -11,16 +11,27 @@ format (`<think> ... </think> <answer> X </answer>`):
 | move  | spatial   | which shape moved, and in which direction?                         |
 | goal  | goal      | a ball heads for a corner target, turns; which target does it reach? |
 | after | narrative | what appeared right after the <shape>?                            |
+| corner | spatial  | the goal scene; in which corner does the ball stop? (options in a fixed order) |
+
+The first five types are the default set. `corner` is opt-in (`qtypes=`): its options are always
+the four corners in reading order, so the answer letter names the corner directly, with no
+lookup of an option's text: an easier task for very small models.
 
 Events last a whole segment of the video: at most `MAX_EVENTS` = 7 segments, so 16 uniformly
 sampled frames (`np.linspace`) see every event in at least 2 frames, and the motion questions are
 decided by the first and last frames (which linspace always samples). Each record carries its
 `timeline` ([first_frame, end_frame, what]) for checks.
 
+Reproducibility: the same seed gives the same records and, in the same process environment,
+byte-identical videos (single-threaded x264). Libraries loaded into the writing process can change
+x264's floating-point decisions on a few videos (a process that had configured jax wrote different
+bytes than a fresh worker, with frames equal within encoder noise); worker processes
+(`workers` > 1) start fresh, so they write the same bytes wherever they run.
+
 Layout under the output folder: `{split}.jsonl` for train / val (LongVideo-Reason form) and test
 (multiple-choice benchmark form: question, options, answer letter, category), videos in
 `videos/{split}/{problem_id}.mp4`, and `meta.json` with the settings. The same seed gives the same
-records and byte-identical videos; the correct letter is balanced within every split.
+records (see Reproducibility above); the correct letter is balanced within every split.
 """
 
 from __future__ import annotations
@@ -44,7 +55,8 @@ COLORS = {"red": (225, 35, 35), "green": (40, 200, 60), "blue": (45, 85, 235),
           "orange": (245, 140, 20), "white": (240, 240, 240)}
 SHAPES = ("square", "circle", "triangle")
 QTYPES = {"order": "temporal", "count": "temporal", "move": "spatial", "goal": "goal",
-          "after": "narrative"}
+          "after": "narrative", "corner": "spatial"}
+DEFAULT_QTYPES = ("order", "count", "move", "goal", "after")
 CATEGORIES = ("temporal", "spatial", "goal", "narrative")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MAX_EVENTS = 7
@@ -73,6 +85,7 @@ class Item:
     qtype: str
     tracks: list[Track]
     timeline: list[list]       # [first_frame, end_frame, description]
+    options: list[str] | None = None   # a fixed option order (else shuffled around the answer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +259,14 @@ def q_move(rng, num_frames: int, size: int) -> Item:
 _CORNERS = [(0, 0), (0, 2), (2, 0), (2, 2)]
 
 
-def q_goal(rng, num_frames: int, size: int) -> Item:
+def _ball_scene(rng, num_frames: int, size: int, goal: int | None = None):
+    """Four corner targets and a white ball that heads for a decoy corner, turns, and ends on the
+    goal corner -> (tracks, target (colour, shape) pairs, goal, decoy, timeline)."""
     targets = _objects(rng, 4, exclude=[("white", "")])
-    goal, decoy = (int(i) for i in rng.choice(4, size=2, replace=False))
+    if goal is None:
+        goal, decoy = (int(i) for i in rng.choice(4, size=2, replace=False))
+    else:
+        decoy = int(rng.choice([i for i in range(4) if i != goal]))
     center = _cell_center((1, 1), size)
     corner = [_cell_center(c, size) for c in _CORNERS]
     tracks = [Track("square", col, size / 8, np.broadcast_to(corner[i], (num_frames, 2)).copy())
@@ -260,6 +278,14 @@ def q_goal(rng, num_frames: int, size: int) -> Item:
     b = np.clip((u - 0.4) / 0.45, 0, 1)[:, None]
     pos = np.where(u[:, None] < 0.4, (1 - a) * center + a * half, (1 - b) * half + b * corner[goal])
     tracks.append(Track("circle", "white", size / 13, pos))   # smaller: the target stays visible
+    i_turn = int(0.4 * (num_frames - 1))
+    timeline = [[0, i_turn, f"ball heads to {targets[decoy][0]}"],
+                [i_turn, num_frames, f"ball goes to {targets[goal][0]}"]]
+    return tracks, targets, goal, decoy, timeline
+
+
+def q_goal(rng, num_frames: int, size: int) -> Item:
+    tracks, targets, goal, decoy, timeline = _ball_scene(rng, num_frames, size)
     names = {i: f"the {targets[i][0]} target" for i in range(4)}
     where = {i: CELL_NAMES[_CORNERS[i]] for i in range(4)}
     steps = ["Four targets sit in the corners: " + ", ".join(f"{targets[i][0]} at the {where[i]}"
@@ -267,12 +293,21 @@ def q_goal(rng, num_frames: int, size: int) -> Item:
              f"The white ball starts in the middle and first heads toward {names[decoy]}.",
              f"Partway through the video it turns and ends on {names[goal]} at the {where[goal]}.",
              f"So the ball finally reaches {names[goal]}."]
-    i_turn = int(0.4 * (num_frames - 1))
-    timeline = [[0, i_turn, f"ball heads to {targets[decoy][0]}"],
-                [i_turn, num_frames, f"ball goes to {targets[goal][0]}"]]
     return Item("The white ball travels toward the coloured targets in the corners. Which target "
                 "does it finally reach?", names[goal], [names[i] for i in range(4) if i != goal],
                 steps, "goal", tracks, timeline)
+
+
+def q_corner(rng, num_frames: int, size: int, answer_slot: int | None = None) -> Item:
+    """The goal scene, asking for the corner; options are the corners in reading order, so the
+    answer's slot is the goal corner (`answer_slot` picks it)."""
+    tracks, _, goal, decoy, timeline = _ball_scene(rng, num_frames, size, answer_slot)
+    corners = [f"the {CELL_NAMES[c]} corner" for c in _CORNERS]
+    steps = [f"The white ball starts in the middle and first heads toward {corners[decoy]}.",
+             f"Partway through the video it turns and stops in {corners[goal]}."]
+    return Item("The white ball travels toward the coloured targets in the corners. In which "
+                "corner does it stop?", corners[goal], [c for c in corners if c != corners[goal]],
+                steps, "corner", tracks, timeline, options=corners)
 
 
 def q_after(rng, num_frames: int, size: int) -> Item:
@@ -292,11 +327,24 @@ def q_after(rng, num_frames: int, size: int) -> Item:
                 [f"the {d}" for d in distractors], steps, "after", tracks, timeline)
 
 
-GENERATORS = {"order": q_order, "count": q_count, "move": q_move, "goal": q_goal, "after": q_after}
+GENERATORS = {"order": q_order, "count": q_count, "move": q_move, "goal": q_goal, "after": q_after,
+              "corner": q_corner}
+FIXED_ORDER = {"corner"}      # generators that take the answer's slot and fix the option order
 
 
 # ---------------------------------------------------------------------------------------------
 # Items and splits
+
+
+def check_qtypes(qtypes) -> tuple[str, ...]:
+    """A non-empty list of known question types (a comma-separated string works too)."""
+    if isinstance(qtypes, str):
+        qtypes = [q.strip() for q in qtypes.split(",") if q.strip()]
+    qtypes = tuple(dict.fromkeys(qtypes))
+    unknown = [q for q in qtypes if q not in GENERATORS]
+    if unknown or not qtypes:
+        raise ValueError(f"unknown question types {unknown or qtypes!r}; known: {list(GENERATORS)}")
+    return qtypes
 
 
 def _balanced(rng: np.random.Generator, n: int, values: list) -> list:
@@ -309,11 +357,15 @@ def make_item(seed: int, split: str, i: int, qtype: str, slot: int, *, num_frame
               fps: int, out: Path) -> dict:
     """Generate, render and write item i of a split; returns its JSONL record."""
     rng = np.random.default_rng([seed, SPLITS[split], i])
-    item = GENERATORS[qtype](rng, num_frames, size)
-    wrong = [item.distractors[j] for j in rng.permutation(len(item.distractors))]
-    wrong = [w for w in dict.fromkeys(wrong) if w != item.correct][:NUM_OPTIONS - 1]
-    options = wrong[:slot] + [item.correct] + wrong[slot:]
-    letter = LETTERS[slot]
+    if qtype in FIXED_ORDER:
+        item = GENERATORS[qtype](rng, num_frames, size, answer_slot=slot)
+        options = item.options
+    else:
+        item = GENERATORS[qtype](rng, num_frames, size)
+        wrong = [item.distractors[j] for j in rng.permutation(len(item.distractors))]
+        wrong = [w for w in dict.fromkeys(wrong) if w != item.correct][:NUM_OPTIONS - 1]
+        options = wrong[:slot] + [item.correct] + wrong[slot:]
+    letter = LETTERS[options.index(item.correct)]
     pid = f"{split}-{i:05d}"
     rel = f"videos/{split}/{pid}.mp4"
     background = tuple(int(v) for v in rng.integers(10, 40, size=3))
@@ -336,8 +388,11 @@ def _make_item_star(args):
 
 
 def generate_split(out, split: str, num: int, *, num_frames: int = 64, size: int = 32,
-                   seed: int = 0, fps: int = 8, workers: int = 0) -> Path:
-    """Write `num` items of `split` under `out`; returns the JSONL path."""
+                   seed: int = 0, fps: int = 8, workers: int = 0,
+                   qtypes=DEFAULT_QTYPES) -> Path:
+    """Write `num` items of `split` under `out` (question types `qtypes`, balanced); returns the
+    JSONL path."""
+    qtypes = check_qtypes(qtypes)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}")
     if not MIN_FRAMES <= num_frames <= MAX_FRAMES:
@@ -346,7 +401,7 @@ def generate_split(out, split: str, num: int, *, num_frames: int = 64, size: int
         raise ValueError(f"size must be even and >= 16, got {size}")
     out = Path(out)
     rng = np.random.default_rng([seed, SPLITS[split], 1 << 20])
-    qtypes = _balanced(rng, num, list(GENERATORS))
+    qtypes = _balanced(rng, num, list(qtypes))
     slots = _balanced(rng, num, list(range(NUM_OPTIONS)))
     kw = dict(num_frames=num_frames, size=size, fps=fps, out=out)
     jobs = [(seed, split, i, qtypes[i], slots[i], kw) for i in range(num)]
@@ -375,16 +430,18 @@ def generate_split(out, split: str, num: int, *, num_frames: int = 64, size: int
 
 def generate_dataset(out, *, num_train: int = 64, num_val: int = 16, num_test: int = 16,
                      num_frames: int = 64, size: int = 32, seed: int = 0, fps: int = 8,
-                     workers: int = 0) -> dict[str, Path]:
+                     workers: int = 0, qtypes=DEFAULT_QTYPES) -> dict[str, Path]:
     """All three splits plus meta.json under `out`; returns {split: jsonl path}."""
+    qtypes = check_qtypes(qtypes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
         if num > 0:
             paths[split] = generate_split(out, split, num, num_frames=num_frames, size=size,
-                                          seed=seed, fps=fps, workers=workers)
+                                          seed=seed, fps=fps, workers=workers, qtypes=qtypes)
     meta = dict(num_train=num_train, num_val=num_val, num_test=num_test, frames=num_frames,
-                size=size, seed=seed, fps=fps, qtypes=QTYPES, max_events=MAX_EVENTS)
+                size=size, seed=seed, fps=fps, qtypes={q: QTYPES[q] for q in qtypes},
+                max_events=MAX_EVENTS)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return paths

@@ -291,7 +291,9 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
             batch = next(run.data_iter)
             t0 = time.perf_counter()
             with jax.profiler.StepTraceAnnotation(what, step_num=run.step):
-                metrics = step_fn(run, batch)
+                # block: the update is dispatched asynchronously, and the step time should count
+                # its compute, not just the dispatch
+                metrics = jax.block_until_ready(step_fn(run, batch))
             run.step += 1
             check_finite(run, metrics)
             metrics["step_time_s"] = time.perf_counter() - t0
