@@ -2,7 +2,7 @@
 devices (fsdp=2 x seq=4: frames and prompts sharded 4 ways). Every field can be overridden on the
 command line, e.g. `--config.rl.group_size=8 --config.train.steps=20`.
 
-    --config=configs/demo.py:sft    the CoT-SFT stage (600 steps, lr 3e-3)
+    --config=configs/demo.py:sft    the CoT-SFT stage (200 steps, lr 3e-3)
     --config=configs/demo.py:grpo   the GRPO stage (the default; 200 steps, G = 8)
 """
 
@@ -23,5 +23,5 @@ def get_config(stage: str = "grpo") -> ml_collections.ConfigDict:
     c.rl.update(max_new_tokens=96)
     c.eval.update(max_new_tokens=96)
     if stage == "sft":
-        c.train.steps, c.optim.lr = 600, 3e-3
+        c.train.steps, c.optim.lr = 200, 3e-3
     return c

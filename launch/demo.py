@@ -2,6 +2,11 @@
 long-video reasoning set, a random tiny VLM, trains it by CoT-SFT then GRPO, and prints the
 validation accuracy after each stage (reports, metrics, curves under --workdir).
 
+The default task is the synthetic `majority` question (which colour fills the screen longest over
+the whole video). As in LongVILA-R1, chain-of-thought annotations are scarce and answers are not:
+CoT-SFT sees the reasoning of only the first `--sft_items` training videos (8), GRPO learns from
+all of them (400) with the answer as its only label.
+
     python launch/demo.py --workdir=runs/demo [--config.train.steps=...] [--sft_steps=...]
 """
 
@@ -13,17 +18,21 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.ROOT, "configs/demo.py"),
                                           "demo config (GRPO stage; SFT uses --sft_*)")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where everything goes")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", 600, "CoT-SFT steps")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 200, "CoT-SFT steps")
 _SFT_LR = flags.DEFINE_float("sft_lr", 3e-3, "CoT-SFT learning rate")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 400, "synthetic training items")
+_SFT_ITEMS = flags.DEFINE_integer("sft_items", 8, "CoT-SFT on the first N training items only "
+                                  "(0: all); GRPO always uses all of them")
 _NUM_VAL = flags.DEFINE_integer("num_val", 128, "synthetic validation items")
 _FRAMES = flags.DEFINE_integer("video_frames", 32, "frames per synthetic video")
+_QTYPES = flags.DEFINE_string("qtypes", "majority", "synthetic question types (comma-separated; "
+                              "lvr_jax/data/synthetic.py lists them)")
 
 
 def stage(msg):
@@ -49,6 +58,8 @@ def train_stage(trainer, train_fn, cfg, work: str, name: str):
 
 
 def main(_):
+    if not flags.FLAGS["verbosity"].present:    # progress lines only; --verbosity=0 for library logs
+        logging.set_verbosity(logging.WARNING)
     common.init_distributed()
     from lvr_jax.data.synthetic import generate_dataset
     from lvr_jax.train import trainer
@@ -63,12 +74,16 @@ def main(_):
     if common.is_main_process():         # one writer; the other processes wait at the barrier
         if not os.path.exists(os.path.join(data_dir, "meta.json")):
             generate_dataset(data_dir, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
-                             num_test=0, num_frames=_FRAMES.value, size=28, seed=0)
-        corpus = []
+                             num_test=0, num_frames=_FRAMES.value, size=28, seed=0,
+                             qtypes=_QTYPES.value)
         with open(os.path.join(data_dir, "train.jsonl")) as f:
-            for line in f:
-                rec = json.loads(line)
-                corpus += [rec["problem"], rec["reasoning"]]
+            lines = f.readlines()
+        with open(os.path.join(data_dir, "sft.jsonl"), "w") as f:
+            f.writelines(lines[:_SFT_ITEMS.value or len(lines)])
+        corpus = []
+        for line in lines:
+            rec = json.loads(line)
+            corpus += [rec["problem"], rec["reasoning"]]
         if not os.path.exists(os.path.join(init, "config.json")):
             make_random_checkpoint(config.model, init, corpus=corpus)
         print(f"random tiny VLM + tokenizer -> {init}", flush=True)
@@ -76,6 +91,7 @@ def main(_):
 
     sft_cfg = config.copy_and_resolve_references()
     sft_cfg.init_checkpoint = init
+    sft_cfg.data.train_files = os.path.join(data_dir, "sft.jsonl")
     sft_cfg.train.steps = _SFT_STEPS.value
     sft_cfg.optim.lr = _SFT_LR.value
     sft_cfg.profile.num_steps = 0

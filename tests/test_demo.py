@@ -14,7 +14,7 @@ GRPO_STEPS = 6
 
 def demo_cmd(workdir: Path) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "demo.py"), f"--workdir={workdir}",
-            "--num_train=12", "--num_val=4", "--video_frames=16", "--sft_steps=4",
+            "--num_train=12", "--num_val=4", "--video_frames=16", "--sft_steps=4", "--sft_items=4",
             f"--config.train.steps={GRPO_STEPS}", "--config.train.checkpoint_every=2",
             "--config.train.log_every=1", "--config.rl.group_size=2",
             "--config.rl.max_new_tokens=8", "--config.eval.max_new_tokens=8",
@@ -25,8 +25,9 @@ def demo_cmd(workdir: Path) -> list[str]:
 def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     work = tmp_path / "demo"
-    proc = subprocess.Popen(demo_cmd(work), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as log:
+        proc = subprocess.Popen(demo_cmd(work), env=env, stdout=log, stderr=subprocess.DEVNULL)
     marker = work / "grpo" / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -39,6 +40,10 @@ def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
     out = subprocess.run(demo_cmd(work), env=env, timeout=600, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "sft already done (4 steps)" in out.stdout
+    assert f"[data] 12 training items from {work / 'data' / 'train.jsonl'}" in out.stdout  # GRPO
+    sft_set = (work / "data" / "sft.jsonl").read_text().splitlines()    # CoT-SFT: 4 of 12 items
+    assert sft_set == (work / "data" / "train.jsonl").read_text().splitlines()[:4]
+    assert f"[data] 4 training items from {work / 'data' / 'sft.jsonl'}" in first_log.read_text()
     resumed = int(re.search(r"resumed from checkpoint step (\d+)", out.stdout).group(1))
     assert 2 <= resumed < GRPO_STEPS
     assert f"[grpo] step {GRPO_STEPS}/{GRPO_STEPS}" in out.stdout

@@ -218,3 +218,28 @@ def test_question_type_subset_and_fixed_order_corner(tmp_path):
     assert kinds == {"corner": 6, "goal": 6}
     with pytest.raises(ValueError, match="unknown question types.*known"):
         synthetic.generate_split(tmp_path, "train", 1, num_frames=16, qtypes=("goal", "colour"))
+
+
+def test_majority_answer_is_the_colour_seen_most(tmp_path):
+    """`majority`: options are the four colours in a fixed order; in the 8 frames the demo samples
+    from a 32-frame video (one per part), the answer's colour fills the screen strictly most
+    often, as counted from the decoded pixels; answers are balanced."""
+    paths = synthetic.generate_dataset(tmp_path, num_train=12, num_val=0, num_test=4, num_frames=32,
+                                       size=28, seed=_seed(), qtypes="majority")
+    palette = np.asarray([synthetic.COLORS[c] for c in synthetic.MAJORITY_COLORS], np.float32)
+    letters = collections.Counter()
+    for line in paths["train"].read_text().splitlines() + paths["test"].read_text().splitlines():
+        r = json.loads(line)
+        options = r.get("options") or re.findall(r"^[A-D]\. (.+)$", r["problem"], re.M)
+        assert options == list(synthetic.MAJORITY_COLORS)
+        letter = re.search(r"\b([A-D])\b", r["answer"]).group(1)
+        letters[letter] += 1
+        frames = read_frames(tmp_path / r["videos"], 8).astype(np.float32)
+        means = frames.reshape(8, -1, 3).mean(1)                       # one colour per frame
+        seen = np.abs(means[:, None] - palette[None]).sum(-1).argmin(1)
+        assert np.abs(means - palette[seen]).sum(-1).max() < 40, r["problem_id"]   # a flat fill
+        counts = np.bincount(seen, minlength=4)
+        assert counts.argmax() == "ABCD".index(letter), (r["problem_id"], counts)
+        assert (counts < counts.max()).sum() == 3, (r["problem_id"], counts)        # no tie
+        assert f"is {options['ABCD'.index(letter)]} for {counts.max()} of its 8" in r["reasoning"]
+    assert sorted(letters.values()) == [4, 4, 4, 4]

@@ -12,10 +12,13 @@ format (`<think> ... </think> <answer> X </answer>`):
 | goal  | goal      | a ball heads for a corner target, turns; which target does it reach? |
 | after | narrative | what appeared right after the <shape>?                            |
 | corner | spatial  | the goal scene; in which corner does the ball stop? (options in a fixed order) |
+| majority | temporal | the screen flashes colours; which colour fills it longest? (fixed order) |
 
-The first five types are the default set. `corner` is opt-in (`qtypes=`): its options are always
-the four corners in reading order, so the answer letter names the corner directly, with no
-lookup of an option's text: an easier task for very small models.
+The first five types are the default set. `corner` and `majority` are opt-in (`qtypes=`): their
+options come in a fixed order (the four corners in reading order; red, green, blue, yellow), so
+the answer letter names the answer directly, with no lookup of an option's text: easier tasks for
+very small models. `majority` needs the whole video (the colours are shuffled over 8 equal parts
+of it) but only a global look at each frame: the demo's task.
 
 Events last a whole segment of the video: at most `MAX_EVENTS` = 7 segments, so 16 uniformly
 sampled frames (`np.linspace`) see every event in at least 2 frames, and the motion questions are
@@ -55,7 +58,7 @@ COLORS = {"red": (225, 35, 35), "green": (40, 200, 60), "blue": (45, 85, 235),
           "orange": (245, 140, 20), "white": (240, 240, 240)}
 SHAPES = ("square", "circle", "triangle")
 QTYPES = {"order": "temporal", "count": "temporal", "move": "spatial", "goal": "goal",
-          "after": "narrative", "corner": "spatial"}
+          "after": "narrative", "corner": "spatial", "majority": "temporal"}
 DEFAULT_QTYPES = ("order", "count", "move", "goal", "after")
 CATEGORIES = ("temporal", "spatial", "goal", "narrative")
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -310,6 +313,35 @@ def q_corner(rng, num_frames: int, size: int, answer_slot: int | None = None) ->
                 steps, "corner", tracks, timeline, options=corners)
 
 
+MAJORITY_COLORS = ("red", "green", "blue", "yellow")
+# how many of the 8 parts each colour fills: the answer's share first, always strictly the largest
+_MAJORITY_SHARES = ((4, 2, 2), (4, 2, 1, 1), (4, 3, 1), (5, 3), (5, 2, 1), (5, 1, 1, 1), (6, 2),
+                    (6, 1, 1))
+
+
+def q_majority(rng, num_frames: int, size: int, answer_slot: int | None = None) -> Item:
+    """The whole screen shows a colour in each of 8 equal parts of the video, in shuffled order;
+    which colour fills it longest? Options: `MAJORITY_COLORS` in that order (`answer_slot` picks
+    the answer)."""
+    top = int(rng.integers(4)) if answer_slot is None else answer_slot
+    shares = _MAJORITY_SHARES[rng.integers(len(_MAJORITY_SHARES))]
+    others = [int(i) for i in rng.permutation([i for i in range(4) if i != top])]
+    parts = [c for c, n in zip([top] + others, shares) for _ in range(n)]
+    parts = [parts[i] for i in rng.permutation(len(parts))]
+    tracks, timeline = [], []
+    for (t0, t1), c in zip(_segments(num_frames, len(parts)), parts):
+        pos = np.full((num_frames, 2), np.nan)
+        pos[t0:t1] = size / 2
+        tracks.append(Track("square", MAJORITY_COLORS[c], size, pos))   # fills the frame
+        timeline.append([t0, t1, MAJORITY_COLORS[c]])
+    name = MAJORITY_COLORS[top]
+    steps = [f"The screen changes colour during the video and is {name} for {shares[0]} of its "
+             f"8 parts, longer than any other colour.", f"So the colour shown longest is {name}."]
+    return Item("The screen flashes different colours during the video. Which colour fills it "
+                "for the longest time?", name, [c for c in MAJORITY_COLORS if c != name], steps,
+                "majority", tracks, timeline, options=list(MAJORITY_COLORS))
+
+
 def q_after(rng, num_frames: int, size: int) -> Item:
     n_events = int(rng.integers(5, MAX_EVENTS + 1))
     objs = _objects(rng, n_events + 1)
@@ -328,8 +360,8 @@ def q_after(rng, num_frames: int, size: int) -> Item:
 
 
 GENERATORS = {"order": q_order, "count": q_count, "move": q_move, "goal": q_goal, "after": q_after,
-              "corner": q_corner}
-FIXED_ORDER = {"corner"}      # generators that take the answer's slot and fix the option order
+              "corner": q_corner, "majority": q_majority}
+FIXED_ORDER = {"corner", "majority"}      # generators that take the answer's slot and fix the option order
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def setup(config, workdir, *, mode: str) -> Run:
     local_batch = global_batch // shard[1]
     data_cfg = data_config(config, mode=mode, num_epochs=None, batch_size=local_batch)
     records = load_records(data_files(config, "train"), on_error=data_cfg.on_error)
+    say(f"[data] {len(records)} training items from {data_files(config, 'train')}")
     pre = Preprocessor.from_pretrained(Path(config.init_checkpoint) / "vision_tower")
     data = make_iter_dataset(records, data_cfg, tok, pre, shard_index=shard[0],
                              shard_count=shard[1], block=local_batch)
