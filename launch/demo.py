@@ -57,7 +57,51 @@ def train_stage(trainer, train_fn, cfg, work: str, name: str):
     return ckpt, result
 
 
+def check_flags() -> None:
+    """Usage errors for flag values the demo cannot use."""
+    if _SFT_ITEMS.value < 0:
+        raise app.UsageError(f"--sft_items must be >= 0 (0: all), got {_SFT_ITEMS.value}")
+    from lvr_jax.data.synthetic import check_qtypes
+    try:
+        check_qtypes(_QTYPES.value)
+    except ValueError as e:
+        raise app.UsageError(f"--qtypes: {e}") from None
+
+
+def check_existing_inputs(data_dir: str) -> None:
+    """A rerun must train on what its flags ask for: a synthetic set already in `data_dir` must
+    have been written with the same flags, and its sft.jsonl must be the same subset."""
+    from lvr_jax.data.synthetic import check_qtypes
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        return
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    asked = dict(num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value, frames=_FRAMES.value,
+                 qtypes=list(check_qtypes(_QTYPES.value)))
+    there = dict(meta, qtypes=list(meta.get("qtypes", ())))
+    diff = [f"{k}: {there.get(k)} there, {v} asked" for k, v in asked.items() if there.get(k) != v]
+    if diff:
+        raise app.UsageError(f"{data_dir} holds a synthetic set written with other settings "
+                             f"({'; '.join(diff)}); use a new --workdir")
+    sft = os.path.join(data_dir, "sft.jsonl")
+    if os.path.exists(sft) and read(sft) != sft_subset(data_dir):
+        raise app.UsageError(f"{sft} holds another CoT-SFT subset than --sft_items="
+                             f"{_SFT_ITEMS.value} asks for; use a new --workdir")
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def sft_subset(data_dir: str) -> str:
+    """The CoT-SFT set: the first --sft_items lines of train.jsonl (all of them for 0)."""
+    lines = read(os.path.join(data_dir, "train.jsonl")).splitlines(keepends=True)
+    return "".join(lines[:_SFT_ITEMS.value or len(lines)])
+
+
 def main(_):
+    check_flags()
     if not flags.FLAGS["verbosity"].present:    # progress lines only; --verbosity=0 for library logs
         logging.set_verbosity(logging.WARNING)
     common.init_distributed()
@@ -71,17 +115,17 @@ def main(_):
     data_dir = config.data.dir = os.path.join(work, "data")
     stage(f"synthetic data -> {data_dir}")
     init = os.path.join(work, "init")
+    check_existing_inputs(data_dir)      # every process, before anything is written
+    common.barrier("demo_check")
     if common.is_main_process():         # one writer; the other processes wait at the barrier
         if not os.path.exists(os.path.join(data_dir, "meta.json")):
             generate_dataset(data_dir, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
                              num_test=0, num_frames=_FRAMES.value, size=28, seed=0,
                              qtypes=_QTYPES.value)
-        with open(os.path.join(data_dir, "train.jsonl")) as f:
-            lines = f.readlines()
-        with open(os.path.join(data_dir, "sft.jsonl"), "w") as f:
-            f.writelines(lines[:_SFT_ITEMS.value or len(lines)])
+        with open(os.path.join(data_dir, "sft.jsonl"), "w", encoding="utf-8") as f:
+            f.write(sft_subset(data_dir))
         corpus = []
-        for line in lines:
+        for line in read(os.path.join(data_dir, "train.jsonl")).splitlines():
             rec = json.loads(line)
             corpus += [rec["problem"], rec["reasoning"]]
         if not os.path.exists(os.path.join(init, "config.json")):

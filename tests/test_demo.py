@@ -1,4 +1,5 @@
-"""The README demo, shrunk: killed during GRPO, rerun, it resumes from its last checkpoint."""
+"""The README demo, shrunk: killed during GRPO, rerun, it resumes from its last checkpoint; a rerun
+asking for other data is refused."""
 
 import os
 import re
@@ -52,3 +53,12 @@ def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
     assert after is not None, out.stdout[-2000:]
     assert (work / "reports" / "val_after_grpo.md").exists()
     assert (work / "curves.png").stat().st_size > 0
+
+    # a rerun asking for other data stops before training, naming what differs
+    for flag, says in (("--qtypes=corner", "qtypes: ['majority'] there, ['corner'] asked"),
+                       ("--sft_items=5", "another CoT-SFT subset than --sft_items=5"),
+                       ("--sft_items=-1", "--sft_items must be >= 0")):
+        bad = subprocess.run(demo_cmd(work) + [flag], env=env, timeout=300, capture_output=True,
+                             text=True)
+        assert bad.returncode != 0 and says in bad.stderr + bad.stdout, (flag, bad.stderr[-2000:])
+        assert "[data]" not in bad.stdout
