@@ -18,7 +18,8 @@ The first five types are the default set. `corner` and `majority` are opt-in (`q
 options come in a fixed order (the four corners in reading order; red, green, blue, yellow), so
 the answer letter names the answer directly, with no lookup of an option's text: easier tasks for
 very small models. `majority` needs the whole video (the colours are shuffled over 8 equal parts
-of it) but only a global look at each frame: the demo's task.
+of it; 8 uniformly sampled frames see each part once) but only a global look at each frame: the
+demo's task.
 
 Events last a whole segment of the video: at most `MAX_EVENTS` = 7 segments, so 16 uniformly
 sampled frames (`np.linspace`) see every event in at least 2 frames, and the motion questions are
