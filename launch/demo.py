@@ -17,6 +17,7 @@ common.cpu_devices()
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -57,51 +58,47 @@ def train_stage(trainer, train_fn, cfg, work: str, name: str):
     return ckpt, result
 
 
-def check_flags() -> None:
-    """Usage errors for flag values the demo cannot use."""
+def check_flags() -> tuple[str, ...]:
+    """Usage errors for flag values the demo cannot use; returns the question types."""
     if _SFT_ITEMS.value < 0:
         raise app.UsageError(f"--sft_items must be >= 0 (0: all), got {_SFT_ITEMS.value}")
     from lvr_jax.data.synthetic import check_qtypes
     try:
-        check_qtypes(_QTYPES.value)
+        return check_qtypes(_QTYPES.value)
     except ValueError as e:
         raise app.UsageError(f"--qtypes: {e}") from None
 
 
-def check_existing_inputs(data_dir: str) -> None:
+def check_existing_inputs(data_dir: Path, qtypes: tuple[str, ...]) -> None:
     """A rerun must train on what its flags ask for: a synthetic set already in `data_dir` must
     have been written with the same flags, and its sft.jsonl must be the same subset."""
-    from lvr_jax.data.synthetic import check_qtypes
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+    if not (data_dir / "meta.json").exists():
         return
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
     asked = dict(num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value, frames=_FRAMES.value,
-                 qtypes=list(check_qtypes(_QTYPES.value)))
+                 qtypes=list(qtypes))
     there = dict(meta, qtypes=list(meta.get("qtypes", ())))
     diff = [f"{k}: {there.get(k)} there, {v} asked" for k, v in asked.items() if there.get(k) != v]
     if diff:
         raise app.UsageError(f"{data_dir} holds a synthetic set written with other settings "
                              f"({'; '.join(diff)}); use a new --workdir")
-    sft = os.path.join(data_dir, "sft.jsonl")
-    if os.path.exists(sft) and read(sft) != sft_subset(data_dir):
+    sft = data_dir / "sft.jsonl"
+    if sft.exists() and sft.read_text(encoding="utf-8") != sft_subset(train_lines(data_dir)):
         raise app.UsageError(f"{sft} holds another CoT-SFT subset than --sft_items="
                              f"{_SFT_ITEMS.value} asks for; use a new --workdir")
 
 
-def read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def train_lines(data_dir: Path) -> list[str]:
+    return (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
 
 
-def sft_subset(data_dir: str) -> str:
+def sft_subset(lines: list[str]) -> str:
     """The CoT-SFT set: the first --sft_items lines of train.jsonl (all of them for 0)."""
-    lines = read(os.path.join(data_dir, "train.jsonl")).splitlines(keepends=True)
     return "".join(lines[:_SFT_ITEMS.value or len(lines)])
 
 
 def main(_):
-    check_flags()
+    qtypes = check_flags()
     if not flags.FLAGS["verbosity"].present:    # progress lines only; --verbosity=0 for library logs
         logging.set_verbosity(logging.WARNING)
     common.init_distributed()
@@ -112,20 +109,21 @@ def main(_):
     t0 = time.time()
     work = _WORKDIR.value
     config = _CONFIG.value
-    data_dir = config.data.dir = os.path.join(work, "data")
+    data_dir = Path(work, "data")
+    config.data.dir = str(data_dir)
     stage(f"synthetic data -> {data_dir}")
     init = os.path.join(work, "init")
-    check_existing_inputs(data_dir)      # every process, before anything is written
+    check_existing_inputs(data_dir, qtypes)    # every process, before anything is written
     common.barrier("demo_check")
     if common.is_main_process():         # one writer; the other processes wait at the barrier
-        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        if not (data_dir / "meta.json").exists():
             generate_dataset(data_dir, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
                              num_test=0, num_frames=_FRAMES.value, size=28, seed=0,
-                             qtypes=_QTYPES.value)
-        with open(os.path.join(data_dir, "sft.jsonl"), "w", encoding="utf-8") as f:
-            f.write(sft_subset(data_dir))
+                             qtypes=qtypes)
+        lines = train_lines(data_dir)
+        (data_dir / "sft.jsonl").write_text(sft_subset(lines), encoding="utf-8")
         corpus = []
-        for line in read(os.path.join(data_dir, "train.jsonl")).splitlines():
+        for line in lines:
             rec = json.loads(line)
             corpus += [rec["problem"], rec["reasoning"]]
         if not os.path.exists(os.path.join(init, "config.json")):
@@ -135,7 +133,7 @@ def main(_):
 
     sft_cfg = config.copy_and_resolve_references()
     sft_cfg.init_checkpoint = init
-    sft_cfg.data.train_files = os.path.join(data_dir, "sft.jsonl")
+    sft_cfg.data.train_files = str(data_dir / "sft.jsonl")
     sft_cfg.train.steps = _SFT_STEPS.value
     sft_cfg.optim.lr = _SFT_LR.value
     sft_cfg.profile.num_steps = 0

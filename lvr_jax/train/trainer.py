@@ -167,8 +167,9 @@ def setup(config, workdir, *, mode: str) -> Run:
     shard = batch_rows(mesh, global_batch, rules)
     local_batch = global_batch // shard[1]
     data_cfg = data_config(config, mode=mode, num_epochs=None, batch_size=local_batch)
-    records = load_records(data_files(config, "train"), on_error=data_cfg.on_error)
-    say(f"[data] {len(records)} training items from {data_files(config, 'train')}")
+    train_files = data_files(config, "train")
+    records = load_records(train_files, on_error=data_cfg.on_error)
+    say(f"[data] {len(records)} training items from {train_files}")
     pre = Preprocessor.from_pretrained(Path(config.init_checkpoint) / "vision_tower")
     data = make_iter_dataset(records, data_cfg, tok, pre, shard_index=shard[0],
                              shard_count=shard[1], block=local_batch)
