@@ -147,9 +147,14 @@ def main(_):
 
     stage("result")
     if common.is_main_process():
-        from plot_metrics import plot
-        png = plot([os.path.join(work, "sft", "metrics.jsonl"),
-                    os.path.join(work, "grpo", "metrics.jsonl")], os.path.join(work, "curves.png"))
+        from plot_metrics import first_last, plot, read_runs
+        grpo_metrics = os.path.join(work, "grpo", "metrics.jsonl")
+        png = plot([os.path.join(work, "sft", "metrics.jsonl"), grpo_metrics],
+                   os.path.join(work, "curves.png"))
+        reward = first_last(read_runs([grpo_metrics]).get("grpo", []), 20).get("reward_mean")
+        if reward:
+            print(f"GRPO reward (sampled) mean: {reward[0]:.3f} over the first 20 steps, "
+                  f"{reward[1]:.3f} over the last 20")
         print(f"validation accuracy after SFT : {before['accuracy']:.3f} (n={before['n']})")
         print(f"validation accuracy after GRPO: {after['accuracy']:.3f} (n={after['n']})")
         for cat in after["per_category"]:

@@ -51,6 +51,8 @@ def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
     assert f"[grpo] step {resumed}/" not in out.stdout      # steps before the resume not redone
     after = re.search(r"validation accuracy after GRPO: ([0-9.]+) \(n=4\)", out.stdout)
     assert after is not None, out.stdout[-2000:]
+    assert re.search(r"GRPO reward \(sampled\) mean: [0-9.]+ over the first 20 steps, [0-9.]+ over "
+                     r"the last 20", out.stdout), out.stdout[-2000:]
     assert (work / "reports" / "val_after_grpo.md").exists()
     assert (work / "curves.png").stat().st_size > 0
 

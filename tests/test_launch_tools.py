@@ -4,6 +4,7 @@ round trips, training checkpoints exported with exactly their params, errors tha
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -353,3 +354,34 @@ def test_to_orbax_failure_leaves_dst_untouched(tiny, tmp_path, monkeypatch):
         convert.to_orbax(tiny["ckpt"], dst, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_metrics.py
+
+
+def test_plot_metrics_first_and_last_window_means(tmp_path):
+    """The CLI's first/last-window means equal NumPy's over the logged values (rows without a
+    metric, or with a non-number, are not counted)."""
+    plot_metrics = _script("plot_metrics")
+    rng = np.random.default_rng()
+    reward = rng.uniform(0.1, 1.0, 57)
+    rows = [{"step": i + 1, "reward_mean": float(r), "kl": float(rng.uniform(0.01, 0.2))}
+            for i, r in enumerate(reward)]
+    rows.insert(10, {"step": 11, "note": "eval"})
+    rows.insert(20, {"step": 21, "reward_mean": "nan?"})
+    path = tmp_path / "grpo" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = plot_metrics.first_last(plot_metrics.read_runs([path])["grpo"], window=20)
+    np.testing.assert_allclose(got["reward_mean"], (reward[:20].mean(), reward[-20:].mean()),
+                               rtol=1e-12)
+    kl = np.asarray([r["kl"] for r in rows if "kl" in r])
+    np.testing.assert_allclose(got["kl"], (kl[:20].mean(), kl[-20:].mean()), rtol=1e-12)
+    assert set(got) == {"reward_mean", "kl"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "plot_metrics.py"), str(path),
+         f"--out={tmp_path / 'c.png'}", "--window=5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"first 5: {reward[:5].mean():.4g}  last 5: {reward[-5:].mean():.4g}" in out.stdout
+    assert (tmp_path / "c.png").stat().st_size > 0
