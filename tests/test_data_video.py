@@ -1,6 +1,5 @@
 """Frame sampling, decoding (decord + PyAV fallback), error cases, SigLIP preprocessing."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -207,13 +206,11 @@ def test_no_video_stream(tmp_path):
 
 
 def _siglip_reference(cfg):
-    pytest.importorskip("PIL")  # transformers' PIL backend
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
     return SiglipImageProcessorPil(**{k: v for k, v in cfg.items() if k != "image_processor_type"})
 
 
-@pytest.mark.parametrize("backend", ["numpy", "pil"])
-def test_preprocessor_equals_siglip_image_processor(backend):
+def test_preprocessor_equals_siglip_image_processor():
     from lvr_jax.weights.hf import preprocessor_config
     rng = np.random.default_rng(_seed())
     for image_size, mean, std in [(int(rng.integers(14, 60)), None, None),
@@ -223,7 +220,7 @@ def test_preprocessor_equals_siglip_image_processor(backend):
         if mean is not None:
             cfg.update(image_mean=mean, image_std=std)
         ref_proc = _siglip_reference(cfg)
-        pre = dataclasses.replace(Preprocessor.from_dict(cfg), resize_backend=backend)
+        pre = Preprocessor.from_dict(cfg)
         for h, w in [rng.integers(8, 120, size=2), (image_size, image_size)]:
             frames = rng.integers(0, 256, size=(3, int(h), int(w), 3), dtype=np.uint8)
             ref = ref_proc(list(frames), return_tensors="np")["pixel_values"]
@@ -233,19 +230,47 @@ def test_preprocessor_equals_siglip_image_processor(backend):
             np.testing.assert_array_equal(got, ref.transpose(0, 2, 3, 1))
 
 
-def test_numpy_resize_equals_pillow_all_filters():
-    pytest.importorskip("PIL")
+def test_pil_resize_equals_pillow_per_image_all_filters():
+    """Batching and shapes: every image of a [..., H, W, C] batch equals `PIL.Image.resize`."""
     from PIL import Image
     rng = np.random.default_rng(_seed())
-    for trial in range(40):
-        h, w, oh, ow = (int(v) for v in rng.integers(1, 70, size=4))
-        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        if trial % 2:   # smooth content too (clipping and rounding behave differently)
-            img = np.clip(np.cumsum(rng.integers(-12, 13, (h, w, 3)), 1) + 128, 0, 255).astype(np.uint8)
-        mode = int(rng.choice([1, 2, 3, 4, 5]))
-        ref = np.asarray(Image.fromarray(img).resize((ow, oh), resample=mode))
-        np.testing.assert_array_equal(pil_resize(img[None], oh, ow, mode, backend="numpy")[0], ref,
-                                      err_msg=f"{(h, w)} -> {(oh, ow)} mode {mode}")
+    for trial, mode in enumerate(sorted(video.RESAMPLING) * 3):
+        lead = tuple(int(v) for v in rng.integers(1, 4, size=int(rng.integers(0, 3))))
+        h, w = (int(v) for v in rng.integers(1, 70, size=2))
+        oh, ow = (h, w) if trial % 4 == 3 else (int(v) for v in rng.integers(1, 70, size=2))
+        c = 1 if trial % 5 == 4 else 3
+        imgs = rng.integers(0, 256, lead + (h, w, c), dtype=np.uint8)
+        if trial % 2:   # smooth content too
+            imgs = np.clip(np.cumsum(rng.integers(-12, 13, imgs.shape), -2) + 128, 0, 255).astype(np.uint8)
+        got = pil_resize(imgs, oh, ow, mode)
+        assert got.dtype == np.uint8 and got.shape == lead + (oh, ow, c)
+        for i in np.ndindex(*lead):
+            img = imgs[i] if c == 3 else imgs[i][..., 0]
+            ref = np.asarray(Image.fromarray(img).resize((ow, oh), resample=mode)).reshape(oh, ow, c)
+            np.testing.assert_array_equal(got[i], ref, err_msg=f"{(h, w)} -> {(oh, ow)} mode {mode}")
+        if (oh, ow) == (h, w):      # equal size: an unchanged copy
+            np.testing.assert_array_equal(got, imgs)
+            assert not np.shares_memory(got, imgs)
+
+
+def test_pil_resize_bad_resample_or_dtype_is_a_clear_error():
+    frames = np.zeros((2, 10, 12, 3), np.uint8)
+    for bad in (-1, max(video.RESAMPLING) + 1, 2.5, "bicubic", None, True):
+        with pytest.raises(ValueError, match=r"resample must be a PIL resampling code: .*BICUBIC \(3\)"):
+            pil_resize(frames, 5, 6, bad)
+        with pytest.raises(ValueError, match="resample"):   # also when no resizing is needed
+            pil_resize(frames, 10, 12, bad)
+    with pytest.raises(ValueError, match="resample must be a PIL resampling code"):
+        Preprocessor(height=8, width=8, resample=99)(frames)
+    for dtype in (np.float32, np.int64, np.uint16):
+        with pytest.raises(TypeError, match=f"uint8.*{np.dtype(dtype)}"):
+            pil_resize(frames.astype(dtype), 5, 6)
+        with pytest.raises(TypeError, match=f"uint8.*{np.dtype(dtype)}"):
+            Preprocessor(height=8, width=8)(frames.astype(dtype))
+    with pytest.raises(ValueError, match=r"C = 1 or 3.*\(10, 12\)"):
+        pil_resize(frames[0, ..., 0], 5, 6)
+    with pytest.raises(ValueError, match="positive"):
+        pil_resize(frames, 0, 6)
 
 
 def test_preprocessor_from_pretrained(tmp_path):

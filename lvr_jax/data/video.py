@@ -12,10 +12,8 @@ Videos shorter than the frames asked for: like the reference (LongVILA's uniform
 sampling) the indices repeat, so every video yields `num_frames` frames (`short="repeat"`, the
 default). `short="error"` raises `VideoTooShort` instead.
 
-Resampling: PIL's antialiased convolution resize, reimplemented in numpy with PIL's own 8-bit
-fixed-point arithmetic (22-bit coefficients, rounding and clipping between the horizontal and the
-vertical pass), so the resized uint8 frames are bit-identical to `PIL.Image.resize` and Pillow is
-not needed at run time.
+Resampling: Pillow itself (`PIL.Image.resize` on each uint8 frame, `pil_resize`), as in
+SiglipImageProcessor's PIL backend, so the resized frames are bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -253,125 +252,32 @@ def _short_msg(e: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# PIL-exact resize
+# Resize (Pillow)
+
+# PIL resampling codes this Pillow knows (PIL.Image.Resampling): NEAREST 0, LANCZOS 1, BILINEAR 2,
+# BICUBIC 3, BOX 4, HAMMING 5; Pillow 13 also has MKS2013 6 and MKS2021 7.
+RESAMPLING = {int(r): r.name for r in Image.Resampling}
 
 
-def _bicubic(x):
-    a = -0.5
-    x = np.abs(x)
-    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
-                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-
-
-def _bilinear(x):
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
-
-
-def _box(x):
-    return np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0)
-
-
-def _hamming(x):
-    x = np.abs(x)
-    t = np.where(x == 0, 1.0, x) * np.pi
-    # PIL uses float constants (0.54f, 0.46f) in double arithmetic
-    val = np.sin(t) / t * (float(np.float32(0.54)) + float(np.float32(0.46)) * np.cos(t))
-    return np.where(x == 0, 1.0, np.where(x >= 1.0, 0.0, val))
-
-
-def _lanczos(x):
-    def sinc(v):
-        safe = np.where(v == 0, 1.0, v)
-        return np.where(v == 0, 1.0, np.sin(np.pi * safe) / (np.pi * safe))
-    return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3.0), 0.0)
-
-
-# PIL resample codes (PIL.Image.Resampling) -> (filter, support). NEAREST (0) is not a
-# convolution in PIL and is not supported here.
-PIL_FILTERS = {1: (_lanczos, 3.0), 2: (_bilinear, 1.0), 3: (_bicubic, 2.0), 4: (_box, 0.5),
-               5: (_hamming, 1.0)}
-_PRECISION_BITS = 32 - 8 - 2
-
-
-def resize_coefficients(in_size: int, out_size: int, resample: int = 3):
-    """PIL's `precompute_coeffs` + `normalize_coeffs_8bpc`: (first input index [out],
-    fixed-point weights int32 [out, ksize]) for resizing one axis from in_size to out_size."""
-    if resample not in PIL_FILTERS:
-        raise ValueError(f"resample mode {resample} not supported (PIL codes {sorted(PIL_FILTERS)})")
-    fn, support = PIL_FILTERS[resample]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = support * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
-    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-    taps = np.arange(ksize)
-    w = fn((taps[None, :] + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
-    w = np.where(taps[None, :] < xmax[:, None], w, 0.0)
-    total = np.cumsum(w, axis=1)[:, -1:]          # sequential sum, as PIL's loop
-    w = np.where(total != 0.0, w / np.where(total == 0.0, 1.0, total), w)
-    fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
-    return xmin, fixed
-
-
-def _resample_axis(img: np.ndarray, axis: int, out_size: int, resample: int) -> np.ndarray:
-    """One PIL pass over `axis` of a uint8 array: fixed-point accumulate, round, clip to uint8."""
-    in_size = img.shape[axis]
-    xmin, coef = resize_coefficients(in_size, out_size, resample)
-    taps = coef.shape[1]
-    shape = [1] * img.ndim
-    shape[axis] = out_size
-    acc = np.full(img.shape[:axis] + (out_size,) + img.shape[axis + 1:], 1 << (_PRECISION_BITS - 1),
-                  dtype=np.int32)
-    for k in range(taps):
-        src = np.minimum(xmin + k, in_size - 1)   # taps past the edge have weight 0
-        acc += np.take(img, src, axis=axis).astype(np.int32) * coef[:, k].reshape(shape)
-    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
-
-
-def pil_resize(frames: np.ndarray, height: int, width: int, resample: int = 3, *,
-               backend: str = "auto") -> np.ndarray:
-    """uint8 [..., H, W, C] -> uint8 [..., height, width, C], equal to `PIL.Image.resize(
-    (width, height), resample)` per image.
-
-    backend: "numpy" (the reimplementation: Pillow >= 10's pass order, horizontal first unless
-    the height shrinks more than twice as much as the width), "pil" (Pillow itself, ~10x faster),
-    "auto" (Pillow when installed, else numpy). Both give identical bytes (tested).
+def pil_resize(frames: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
+    """uint8 [..., H, W, C] -> uint8 [..., height, width, C]: `PIL.Image.resize((width, height),
+    resample)` on each image (mode RGB for C = 3, L for C = 1), as SiglipImageProcessor's PIL
+    backend does. `resample` is a PIL resampling code (`RESAMPLING`; BICUBIC = 3 is SigLIP's).
+    Images already `height` x `width` are copied unchanged (Pillow would copy them too).
     """
+    frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         raise TypeError(f"pil_resize takes uint8 frames, got {frames.dtype}")
-    if backend == "auto":
-        backend = "pil" if _have_pil() else "numpy"
-    if backend == "pil":
-        return _pil_resize_pillow(frames, height, width, resample)
-    if backend != "numpy":
-        raise ValueError(f"backend must be 'auto', 'pil' or 'numpy', got {backend!r}")
-    h_axis, w_axis = frames.ndim - 3, frames.ndim - 2
-    in_h, in_w = frames.shape[h_axis], frames.shape[w_axis]
-    horizontal_first = not (in_h - height > 0 and in_h - height > (in_w - width) * 2)
-    passes = [(w_axis, width), (h_axis, height)]
-    if not horizontal_first:
-        passes.reverse()
-    out = frames
-    for axis, size in passes:
-        if out.shape[axis] != size:
-            out = _resample_axis(out, axis, size, resample)
-    return out
-
-
-def _have_pil() -> bool:
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pil_resize_pillow(frames: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    from PIL import Image
-
+    if frames.ndim < 3 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"pil_resize takes [..., H, W, C] frames with C = 1 or 3, got shape "
+                         f"{frames.shape}")
+    if (isinstance(resample, bool) or not isinstance(resample, (int, np.integer))
+            or int(resample) not in RESAMPLING):
+        codes = ", ".join(f"{name} ({code})" for code, name in sorted(RESAMPLING.items()))
+        raise ValueError(f"resample must be a PIL resampling code: {codes}; got {resample!r}")
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"the target size must be positive, got {height}x{width}")
+    height, width, resample = int(height), int(width), int(resample)
     lead = frames.shape[:-3]
     flat = frames.reshape((-1,) + frames.shape[-3:])
     out = np.empty((flat.shape[0], height, width, flat.shape[-1]), np.uint8)
@@ -379,7 +285,8 @@ def _pil_resize_pillow(frames: np.ndarray, height: int, width: int, resample: in
         if img.shape[:2] == (height, width):
             out[i] = img
         else:
-            out[i] = np.asarray(Image.fromarray(img).resize((width, height), resample=resample))
+            pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+            out[i] = np.asarray(pil.resize((width, height), resample=resample)).reshape(out[i].shape)
     return out.reshape(lead + out.shape[1:])
 
 
@@ -400,7 +307,6 @@ class Preprocessor:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    resize_backend: str = "auto"               # see `pil_resize`
 
     @classmethod
     def from_dict(cls, cfg: dict) -> Preprocessor:
@@ -450,7 +356,7 @@ class Preprocessor:
             raise TypeError(f"frames must be uint8, got {frames.dtype}")
         x = frames
         if self.do_resize:
-            x = pil_resize(x, self.height, self.width, self.resample, backend=self.resize_backend)
+            x = pil_resize(x, self.height, self.width, self.resample)
         if self.do_rescale:   # transformers: float64 multiply, then float32
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
         else:
