@@ -41,10 +41,13 @@ def tiny_vision() -> dict:
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
                  dtype="float32", param_dtype="float32", remat=False):
-    """The `model` section of a config: sizes plus numerics."""
+    """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
+    compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
+    ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU)."""
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
-        param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198))
+        param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
+        attention=dict(key_tile=512, query_chunk=256, tie_positions="auto")))
 
 
 STAGES = ("sft", "grpo")
@@ -66,7 +69,9 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict) -> ml_collections.
     c.model = model
     c.init_checkpoint = ""           # VILA-layout folder (HF export) the run starts from
     c.mesh = dict(mesh)
-    # logical axis -> mesh axes ("" replicated, "fsdp+seq" several); sharding.mesh.DEFAULT_RULES
+    # logical axis -> mesh axes ("" replicated, "fsdp+seq" several) for params, activations and
+    # caches; sharding.mesh.DEFAULT_RULES says what each name is ("length": "" turns the
+    # sequence-parallel ring off)
     c.sharding_rules = rules_to_strings(DEFAULT_RULES)
 
     c.data = ml_collections.ConfigDict()
@@ -99,8 +104,8 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
     samples, lr 1e-6, sequence parallel over 8 devices (Long-RL's example script uses 256 frames
     and Ulysses 4); CoT-SFT at lr 1e-5. One prompt per step (its G samples share one prefill),
     gradients accumulated over several steps: launch/plan_memory.py puts one 7B GRPO step at
-    about 42 GiB per device at 256 frames and 76 GiB at 1024, but 4 prompts at 256 frames over
-    180 GiB. Set data.dir and init_checkpoint on the command line."""
+    53.1 GiB per device at 512 frames and 79.8 GiB at 1024 (README). Set data.dir and
+    init_checkpoint on the command line."""
     stage = check_stage(stage)
     c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1))
     # ZeRO-3 over every device: params, grads and optimizer state sharded over fsdp AND the seq

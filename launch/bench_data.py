@@ -9,32 +9,29 @@ Startup (spawning the workers, first batch) is reported apart from the steady-st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from absl import app, flags
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for bench_data.md / .json")
-    p.add_argument("--data", default=None, help="a synthetic dataset folder (default: made under --out)")
-    p.add_argument("--num_items", type=int, default=48, help="items to generate when --data is not given")
-    p.add_argument("--video_frames", type=int, default=256, help="frames per generated video")
-    p.add_argument("--video_size", type=int, default=64, help="side of the generated videos")
-    p.add_argument("--num_frames", type=int, default=32, help="frames sampled per video")
-    p.add_argument("--image_size", type=int, default=28, help="SigLIP input side (448 for the 7B)")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--workers", default="1,2", help="comma-separated worker process counts")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the data per measurement")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the tiny one)")
-    return p.parse_args(argv)
+_OUT = flags.DEFINE_string("out", None, "folder for bench_data.md / .json", required=True)
+_DATA = flags.DEFINE_string("data", None, "a synthetic dataset folder (default: made under --out)")
+_NUM_ITEMS = flags.DEFINE_integer("num_items", 48, "items to generate when --data is not given")
+_VIDEO_FRAMES = flags.DEFINE_integer("video_frames", 256, "frames per generated video")
+_VIDEO_SIZE = flags.DEFINE_integer("video_size", 64, "side of the generated videos")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 32, "frames sampled per video")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "SigLIP input side (448 for the 7B)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "videos per batch")
+_WORKERS = flags.DEFINE_string("workers", "1,2", "comma-separated worker process counts")
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "passes over the data per measurement")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: the tiny one)")
+_ALL = (_OUT, _DATA, _NUM_ITEMS, _VIDEO_FRAMES, _VIDEO_SIZE, _NUM_FRAMES, _IMAGE_SIZE, _BATCH_SIZE,
+        _WORKERS, _EPOCHS, _TOKENIZER)
 
 
 def _tokenizer(folder):
@@ -83,10 +80,13 @@ def table(rows, args) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+    args = types.SimpleNamespace(**{h.name: h.value for h in _ALL})
     from lvr_jax.data import synthetic
-    from lvr_jax.data.dataset import DataConfig, load_records
+    from lvr_jax.data.dataset import DataConfig
+    from lvr_jax.data.records import load_records
     from lvr_jax.data.video import Preprocessor
 
     out = Path(args.out)
@@ -113,4 +113,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

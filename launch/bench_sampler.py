@@ -4,26 +4,31 @@ FLOPs of a group of G samples with and without the shared prefix. Writes a Markd
     python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
 """
 
-from __future__ import annotations
-
 import os
-import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from lvr_jax import cli
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+cli.cpu_devices()
 
-import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lvr_jax.rollout.sampler import Sampler, left_pad, prefill  # noqa: E402
+from lvr_jax.models.qwen2 import left_pad  # noqa: E402
+from lvr_jax.rollout.sampler import Sampler  # noqa: E402
 from lvr_jax.weights.hf import load_llm  # noqa: E402
+
+flags.DEFINE_string("out", "runs/bench_sampler", "folder for bench_sampler.md")
+flags.DEFINE_integer("prompts", 4, "prompts per batch")
+flags.DEFINE_integer("group", 8, "G samples per prompt")
+flags.DEFINE_integer("prompt_len", 256, "tokens per prompt")
+flags.DEFINE_integer("new", 64, "new tokens per sample")
 
 
 def tiny_torch_qwen2(folder: str, seed: int = 0):
@@ -69,20 +74,14 @@ def prefill_cost(llm, prompts: np.ndarray):
     """(FLOPs of the compiled prefill, prefix cache bytes) for these prompts."""
     x, mask = left_pad([llm.embed_tokens(jnp.asarray(p)) for p in prompts])
     graphdef, state = nnx.split(llm)
-    fn = jax.jit(lambda s, x, m: prefill(nnx.merge(graphdef, s), x, m))
+    fn = jax.jit(lambda s, x, m: nnx.merge(graphdef, s).prefill(x, m))
     flops = fn.lower(state, x, mask).compile().cost_analysis()["flops"]
     pre = jax.eval_shape(fn, state, x, mask)
     return flops, pre.k.size * pre.k.dtype.itemsize * 2
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/bench_sampler")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt_len", type=int, default=256)
-    ap.add_argument("--new", type=int, default=64)
-    args = ap.parse_args(argv)
+def main(_):
+    args = flags.FLAGS
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = tiny_torch_qwen2(tmp)
@@ -121,4 +120,4 @@ def torch_version():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,14 +1,15 @@
 """Multiple-choice video QA accuracy of a checkpoint, overall and per category (JSON + Markdown).
     python launch/evaluate.py --config=configs/demo.py --checkpoint=DIR --out=DIR [--split=val]"""
 
-import common  # noqa: F401
+from lvr_jax import cli
 
-common.cpu_devices()
+cli.cpu_devices()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "config (data, mesh, eval)")
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("demo.py"),
+                                          "config (data, mesh, eval)")
 _CKPT = flags.DEFINE_string("checkpoint", None, "VILA-layout checkpoint folder", required=True)
 _OUT = flags.DEFINE_string("out", "runs/eval", "report folder")
 _SPLIT = flags.DEFINE_string("split", None, "data split (default config.eval.split)")
@@ -16,11 +17,11 @@ _LIMIT = flags.DEFINE_integer("limit", None, "evaluate at most this many items")
 
 
 def main(_):
-    common.init_distributed()
-    from lvr_jax.train import trainer
-    trainer.evaluate_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value, split=_SPLIT.value,
-                                limit=_LIMIT.value)
-    common.finish()
+    cli.init_distributed()
+    from lvr_jax.eval.video_qa import evaluate_checkpoint
+    evaluate_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value, split=_SPLIT.value,
+                        limit=_LIMIT.value)
+    cli.finish()
 
 
 if __name__ == "__main__":

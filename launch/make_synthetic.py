@@ -6,57 +6,55 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from absl import app, flags
 
-from lvr_jax.data import synthetic  # noqa: E402
+from lvr_jax.data import synthetic
+
+_OUT = flags.DEFINE_string("out", None, "output folder", required=True)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 64, "train items")
+_NUM_VAL = flags.DEFINE_integer("num_val", 16, "validation items")
+_NUM_TEST = flags.DEFINE_integer("num_test", 16, "test items")
+_FRAMES = flags.DEFINE_integer("frames", 64, f"frames per video ({synthetic.MIN_FRAMES}.."
+                               f"{synthetic.MAX_FRAMES})")
+_SIZE = flags.DEFINE_integer("size", 32, "frame side in pixels (even, >= 16)")
+_FPS = flags.DEFINE_integer("fps", 8, "frame rate written in the mp4")
+_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+_QTYPES = flags.DEFINE_string("qtypes", ",".join(synthetic.DEFAULT_QTYPES),
+                              f"comma-separated question types, of {list(synthetic.GENERATORS)}")
+_WORKERS = flags.DEFINE_integer("workers", 0, "processes writing videos (0: this one)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num_train", type=int, default=64)
-    p.add_argument("--num_val", type=int, default=16)
-    p.add_argument("--num_test", type=int, default=16)
-    p.add_argument("--frames", type=int, default=64,
-                   help=f"frames per video ({synthetic.MIN_FRAMES}..{synthetic.MAX_FRAMES})")
-    p.add_argument("--size", type=int, default=32, help="frame side in pixels (even, >= 16)")
-    p.add_argument("--fps", type=int, default=8, help="frame rate written in the mp4")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--qtypes", default=",".join(synthetic.DEFAULT_QTYPES),
-                   help=f"comma-separated question types, of {list(synthetic.GENERATORS)}")
-    p.add_argument("--workers", type=int, default=0, help="processes writing videos (0: this one)")
-    args = p.parse_args(argv)
-    if not synthetic.MIN_FRAMES <= args.frames <= synthetic.MAX_FRAMES:
-        p.error(f"--frames must be in [{synthetic.MIN_FRAMES}, {synthetic.MAX_FRAMES}]")
-    if args.size < 16 or args.size % 2:
-        p.error("--size must be even and >= 16")
+def usage_error(message: str) -> app.UsageError:
+    return app.UsageError(message, exitcode=2)     # 2, like the argparse errors it replaces
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise usage_error(f"unexpected arguments: {argv[1:]}")
+    if not synthetic.MIN_FRAMES <= _FRAMES.value <= synthetic.MAX_FRAMES:
+        raise usage_error(f"--frames must be in [{synthetic.MIN_FRAMES}, {synthetic.MAX_FRAMES}]")
+    if _SIZE.value < 16 or _SIZE.value % 2:
+        raise usage_error("--size must be even and >= 16")
     try:
-        args.qtypes = synthetic.check_qtypes(args.qtypes)
+        qtypes = synthetic.check_qtypes(_QTYPES.value)
     except ValueError as e:
-        p.error(f"--qtypes: {e}")
-    if min(args.num_train, args.num_val, args.num_test) < 0:
-        p.error("split sizes must be >= 0")
-    return args
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
+        raise usage_error(f"--qtypes: {e}") from None
+    if min(_NUM_TRAIN.value, _NUM_VAL.value, _NUM_TEST.value) < 0:
+        raise usage_error("split sizes must be >= 0")
     start = time.perf_counter()
-    paths = synthetic.generate_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
-                                       num_test=args.num_test, num_frames=args.frames,
-                                       size=args.size, seed=args.seed, fps=args.fps,
-                                       workers=args.workers, qtypes=args.qtypes)
+    paths = synthetic.generate_dataset(_OUT.value, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
+                                       num_test=_NUM_TEST.value, num_frames=_FRAMES.value,
+                                       size=_SIZE.value, seed=_SEED.value, fps=_FPS.value,
+                                       workers=_WORKERS.value, qtypes=qtypes)
     took = time.perf_counter() - start
-    total = args.num_train + args.num_val + args.num_test
-    print(json.dumps({"out": str(Path(args.out).resolve()), "splits": {k: str(v) for k, v in paths.items()},
+    total = _NUM_TRAIN.value + _NUM_VAL.value + _NUM_TEST.value
+    print(json.dumps({"out": str(Path(_OUT.value).resolve()), "splits": {k: str(v) for k, v in paths.items()},
                       "items": total, "seconds": round(took, 2)}))
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -2,7 +2,7 @@
     python launch/train_sft.py --config=configs/demo.py --workdir=DIR --config.init_checkpoint=CKPT
         [--export=DIR]"""
 
-import common
+from lvr_jax import cli
 
 if __name__ == "__main__":
-    common.train_main("sft")
+    cli.train_main("sft")

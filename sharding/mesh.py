@@ -1,7 +1,13 @@
-"""Device mesh from a config and the one table mapping logical axis names to mesh axes."""
+"""Device mesh from a config and the one table mapping logical axis names to mesh axes.
+
+`DEFAULT_RULES` (overridden by a config's `sharding_rules`) places every array of the project:
+parameters by the names on their Params, activations and caches by the names below, through a
+`Layout` (mesh + rules), which jitted code takes as a static argument.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -12,10 +18,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). One table for the project;
-# configs may override entries. 'layers' is the stacked-layer axis of scanned decoder weights.
+# configs may override entries.
+#   batch         rows of a batch (prompts, sequences)
+#   length        a prompt's tokens: the ring axis of the sequence-parallel forward (MR-SP stage 2);
+#                 replicated ("") = no sequence parallelism, every device runs whole prompts
+#   frames        a clip's frames in the vision tower (MR-SP stage 1)
+#   cache_length  the shared prefix K/V cache (MR-SP stage 3)
+#   embed .. vocab  parameter dimensions; layers: the stacked-layer axis of scanned weights
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "length": None,
+    "length": "seq",
     "frames": "seq",
     "embed": "fsdp",
     "heads": "tensor",
@@ -139,3 +151,71 @@ def param_shardings(abstract_state, mesh: Mesh, rules=None):
         return logical_sharding(names, v.shape, mesh, rules)
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where arrays go: a mesh (None: one device, nothing sharded) and the logical-axis rules
+    (DEFAULT_RULES with a config's overrides, as sorted items). Frozen and hashable: jitted
+    functions take it as a static argument. Build it with `Layout.of(mesh, rules)`."""
+    mesh: Mesh | None = None
+    rules: tuple = tuple(sorted(DEFAULT_RULES.items()))
+
+    @classmethod
+    def of(cls, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None) -> Layout:
+        """`rules` overrides entries of DEFAULT_RULES (None: the defaults)."""
+        table = dict(DEFAULT_RULES)
+        table.update(rules or {})
+        return cls(mesh, tuple(sorted(table.items())))
+
+    @property
+    def table(self) -> dict:
+        return dict(self.rules)
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
+        """PartitionSpec of an array with logical axis `names` (see `logical_to_spec`)."""
+        if self.mesh is None:
+            return PartitionSpec()
+        return logical_to_spec(names, shape, self.mesh, self.table)
+
+    def sharding(self, names, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, shape))
+
+    def constrain(self, x, names):
+        """`x` constrained to the sharding of its logical `names` (as is without a mesh)."""
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+    def axis(self, name: str) -> str | None:
+        """The one mesh axis of size > 1 that logical `name` maps to (None: not sharded). The
+        ring, the frame split and the prefix cache each run over one axis."""
+        if self.mesh is None:
+            return None
+        target = self.table.get(name)
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        live = [a for a in axes if self.mesh.shape[a] > 1]
+        if len(live) > 1:
+            raise ValueError(f"sharding rule {name}={target!r}: {name} runs over one mesh axis, "
+                             f"but {live} all have size > 1")
+        return live[0] if live else None
+
+    def size(self, name: str) -> int:
+        """Devices that logical `name` is split over (1 when not sharded)."""
+        axis = self.axis(name)
+        return 1 if axis is None else self.mesh.shape[axis]
+
+    @property
+    def seq_axis(self) -> str | None:
+        """The ring axis of the sequence-parallel forward ('length'), None when off."""
+        return self.axis("length")
+
+    @property
+    def pad_multiple(self) -> int:
+        """Prompts are padded to a multiple of this: 2 x the ring size when the ring runs (the
+        zigzag cuts 2 chunks per device), else 1."""
+        n = self.size("length")
+        return 2 * n if n > 1 else 1
+
+
+UNSHARDED = Layout()    # no mesh: one device, nothing sharded (the default layout)

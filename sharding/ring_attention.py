@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lvr_jax.models import attention
+from sharding.mesh import Layout
 from sharding.sequence_parallel import (
     pad_sequence,
     padded_length,
@@ -118,31 +118,15 @@ def _ring_perm(n: int):
 # ----------------------------------------------------------------------------- forward
 
 
-# Tie the positions / segment ids to q with an optimization_barrier. Under a differentiated
-# layer scan they are loop invariant, and JAX's scan partial evaluation hoists everything that
-# depends only on them (the sub-block masks, broadcast to [B, KVH, G, Cq, Ck], and the -inf / 0
-# fills) out of the layer loop, stacked over the ring steps (launch/plan_memory.py: the 7B GRPO
-# update at 512 frames on seq = 8 needs 181 GiB of temp per device without the tie, 35 with it).
-# None = on, except on the CPU backend: there XLA:CPU's runtime deadlocked on the tied program
-# (a device reached a later all-reduce while its peers still waited in a collective-permute of
-# the layer loop; the tiny CPU models do not need the memory). launch/plan_memory.py, which
-# stands CPU compiles in for GPU ones, sets it True.
-TIE_POSITIONS: bool | None = None
-
-
-def tie_positions() -> bool:
-    return jax.default_backend() != "cpu" if TIE_POSITIONS is None else TIE_POSITIONS
-
-
-# Keys per tile inside a (query chunk, key chunk) sub-block: the scores alive at a time are
-# [B, KVH, G, Cq, KEY_TILE] instead of [B, KVH, G, Cq, Ck] (Ck = local length / 2; 16.5k tokens
-# for the 7B at 1024 frames on seq = 8, 29 GiB of float32 scores untiled).
+# Keys per tile inside a (query chunk, key chunk) sub-block (the default of `key_tile`): the scores
+# alive at a time are [B, KVH, G, Cq, key_tile] instead of [B, KVH, G, Cq, Ck] (Ck = local length
+# / 2; 16.5k tokens for the 7B at 1024 frames on seq = 8, 29 GiB of float32 scores untiled).
 KEY_TILE = 512
 
 
-def _key_tiles(length: int) -> tuple[int, int]:
+def _key_tiles(length: int, key_tile: int) -> tuple[int, int]:
     """(tile size, number of tiles) for a key chunk of `length` keys."""
-    tile = min(KEY_TILE, length)
+    tile = min(key_tile, length)
     return tile, -(-length // tile)
 
 
@@ -155,9 +139,9 @@ def _key_tile(i, tile: int, length: int, q_pos, q_seg, kv_pos, kv_seg, causal: b
     return start, take, _mask(q_pos, q_seg, take(kv_pos), take(kv_seg), causal) & fresh
 
 
-def _fwd_block(state, q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale):
+def _fwd_block(state, q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale, key_tile):
     """Fold one (query chunk, key chunk) sub-block into the online-softmax state, tile by tile."""
-    tile, n = _key_tiles(k.shape[1])
+    tile, n = _key_tiles(k.shape[1], key_tile)
     if n == 1:
         return _fwd_tile(state, q, k, v, _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
 
@@ -187,9 +171,20 @@ def _num_chunks(length: int) -> int:
     return 2 if length % 2 == 0 and length >= 2 else 1
 
 
-def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
-    """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``."""
-    if tie_positions():
+def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile,
+                  tie_positions):
+    """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``.
+
+    ``tie_positions``: tie the positions / segment ids to q with an optimization_barrier. Under a
+    differentiated layer scan they are loop invariant, and JAX's scan partial evaluation hoists
+    everything that depends only on them (the sub-block masks, broadcast to [B, KVH, G, Cq, Ck],
+    and the -inf / 0 fills) out of the layer loop, stacked over the ring steps (the 7B GRPO update
+    at 512 frames on seq = 8 needed 676 GiB of temp per device without the tie, 44 with it;
+    README, plan_memory). XLA:CPU's runtime deadlocked on the tied program mid-demo (a device
+    reached a later all-reduce while its peers still waited in a collective-permute of the layer
+    loop), so the model turns it on for accelerators only (`AttentionOptions.tie_positions`).
+    """
+    if tie_positions:
         q, q_pos, kv_pos, q_seg, kv_seg = jax.lax.optimization_barrier(
             (q, q_pos, kv_pos, q_seg, kv_seg))
     b, lq, h, d = q.shape
@@ -225,7 +220,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
                     live,
                     functools.partial(_fwd_block, q=q_c[a], k=k_c[c], v=v_c[c], q_pos=qp_c[a],
                                       q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
-                                      causal=causal, scale=scale),
+                                      causal=causal, scale=scale, key_tile=key_tile),
                     lambda s: s,
                     st,
                 )
@@ -257,9 +252,10 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
 # ----------------------------------------------------------------------------- backward
 
 
-def _bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal, scale):
+def _bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal, scale,
+               key_tile):
     """Gradient contributions of one sub-block, tile by tile; ``acc = (dq_a, dk_c, dv_c)``."""
-    tile, n = _key_tiles(k.shape[1])
+    tile, n = _key_tiles(k.shape[1], key_tile)
     if n == 1:
         return _bwd_tile(acc, q, k, v, do, lse, delta,
                          _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
@@ -289,7 +285,7 @@ def _bwd_tile(acc, q, k, v, do, lse, delta, mask, scale):
 
 
 def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_name, causal,
-                   scale):
+                   scale, key_tile):
     b, lq, _, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
     n = jax.lax.axis_size(axis_name)
@@ -321,7 +317,7 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
                     functools.partial(_bwd_block, q=q_c[a], k=k_c[c], v=v_c[c], do=do_c[a],
                                       lse=lse_c[a], delta=delta_c[a], q_pos=qp_c[a],
                                       q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
-                                      causal=causal, scale=scale),
+                                      causal=causal, scale=scale, key_tile=key_tile),
                     lambda s: s,
                     (dq[a], dk[c], dv[c]),
                 )
@@ -347,20 +343,22 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
 # ----------------------------------------------------------------------------- custom vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
-    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie):
+    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile,
+                         tie)[0]
 
 
-def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale):
-    out, lse, _ = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale)
+def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie):
+    out, lse, _ = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale,
+                                key_tile, tie)
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(axis_name, causal, scale, res, dout):
+def _ring_bwd(axis_name, causal, scale, key_tile, tie, res, dout):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     dq, dk, dv = _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout,
-                                axis_name, causal, scale)
+                                axis_name, causal, scale, key_tile)
     return dq, dk, dv, None, None, None, None
 
 
@@ -384,7 +382,7 @@ def _ints(*xs):
 
 
 def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
-                         scale=None):
+                         scale=None, key_tile: int = KEY_TILE, tie_positions: bool = False):
     """Ring attention on this device's shard; call inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -395,6 +393,9 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, ca
       axis_name: the mesh axis the sequence is sharded over (the ring).
       causal: also require ``kv_pos <= q_pos``.
       scale: softmax scale, default ``1 / sqrt(D)``.
+      key_tile: keys per score tile inside a sub-block (memory, not the result).
+      tie_positions: tie positions / segments to q (see `_ring_forward`; memory under a
+        differentiated layer scan, not the result).
 
     Returns ``[B, Lq, H, D]`` in q's dtype; rows with no key to attend are 0. Differentiable in
     q, k, v (custom VJP with a second ring pass). Each local block is split into 2 chunks (when its
@@ -403,11 +404,12 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, ca
     _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
-    return _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale)
+    return _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale,
+                 int(key_tile), bool(tie_positions))
 
 
 def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
-                               scale=None):
+                               scale=None, key_tile: int = KEY_TILE):
     """Forward only, for tests / benchmarks: ``(out, lse [B, KVH, G, Lq], computed_blocks)``.
 
     ``computed_blocks`` (int32 scalar, per device) counts the (query chunk, key chunk) sub-blocks
@@ -416,59 +418,52 @@ def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_na
     _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
-    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale)
+    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale,
+                         int(key_tile), False)
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def _batch_axes(mesh: Mesh, batch: int, exclude: str):
-    axes, prod = [], 1
-    for ax in ("data", "fsdp"):
-        if ax == exclude or ax not in mesh.shape:
-            continue
-        size = mesh.shape[ax]
-        if size > 1 and batch % (prod * size) == 0:
-            axes.append(ax)
-            prod *= size
-    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+def _sharded_ring(mesh: Mesh, axis: str, xspec: P, **kw):
+    """The local ring under a shard_map: q/k/v sharded as `xspec` ([B, L, heads, D]) with the
+    length over the ring axis (even of size 1), positions and segments as its first two
+    entries."""
+    local = functools.partial(ring_attention_local, axis_name=axis, **kw)
+    xspec = P(xspec[0], axis, *xspec[2:])
+    tspec = P(*xspec[:2])
+    return jax.shard_map(local, mesh=mesh, in_specs=(xspec,) * 3 + (tspec,) * 4, out_specs=xspec)
 
 
-def _head_axis(mesh: Mesh, heads: int, kv_heads: int, exclude: str):
-    ax = "tensor"
-    if ax == exclude or ax not in mesh.shape or mesh.shape[ax] == 1:
-        return None
-    t = mesh.shape[ax]
-    return ax if heads % t == 0 and kv_heads % t == 0 else None
+NAMES = ("batch", "length", "kv_heads", None)   # q/k/v; query heads follow the kv heads
 
 
-def ring_attention_fn(mesh: Mesh, axis: str = "seq", *, causal: bool = True):
-    """An `attention_fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` for `Qwen2.__call__` that runs
-    the ring over `axis` on global arrays whose length is already padded and zigzag-ordered.
+def ring_attention_fn(layout, *, causal: bool = True, key_tile: int = KEY_TILE,
+                      tie_positions: bool = False):
+    """`attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` running the ring over the ring axis of
+    `layout` (a `sharding.mesh.Layout`: logical 'length') on global arrays whose length is
+    already padded and zigzag-ordered (`sequence_parallel.shard_sequence`).
 
-    The batch is sharded over 'data' (and 'fsdp') when it divides, heads over 'tensor' when both
-    head counts divide; everything else of the model stays under the compiler's sharding.
+    Rows are sharded as the layout's 'batch', heads as its 'kv_heads', both only where the mesh
+    axes divide them; the rest of the model stays under the compiler's sharding.
     """
+    axis = layout.seq_axis
+    if axis is None:
+        raise ValueError("the layout has no ring axis: its 'length' rule maps to no mesh axis "
+                         "of size > 1")
+
     def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        b, _, h, _ = q.shape
         if q_seg is None:
             q_seg = kv_seg = jnp.zeros(q.shape[:2], jnp.int32)
-        bax = _batch_axes(mesh, b, axis)
-        hax = _head_axis(mesh, h, k.shape[2], axis)
-        xspec, tspec = P(bax, axis, hax, None), P(bax, axis)
-        fn = jax.shard_map(
-            functools.partial(ring_attention_local, axis_name=axis, causal=causal),
-            mesh=mesh,
-            in_specs=(xspec, xspec, xspec, tspec, tspec, tspec, tspec),
-            out_specs=xspec,
-        )
-        return fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        ring = _sharded_ring(layout.mesh, axis, layout.spec(NAMES, k.shape), causal=causal,
+                             key_tile=key_tile, tie_positions=tie_positions)
+        return ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
     return attend
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = True,
-                   segment_ids=None):
+                   segment_ids=None, key_tile: int = KEY_TILE):
     """Self-attention with the sequence sharded over ``mesh`` axis ``axis`` (a ring).
 
     Args:
@@ -479,9 +474,11 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = Tru
       causal: causal mask from global positions.
       segment_ids: optional int ``[batch, length]`` (or ``[length]``); attention stays within
         equal ids; negative ids are padding (attend to nothing, are attended by nothing).
+      key_tile: keys per score tile inside a sub-block (memory, not the result).
 
     Any length works: the sequence is padded to a multiple of ``2 * mesh.shape[axis]`` (padding
-    gets segment -1), zigzag-reordered, attended, and restored. Equals :func:`dense_attention`.
+    gets segment -1), zigzag-reordered, attended, and restored. Equals dense attention
+    (`lvr_jax.models.attention.dense_attention`).
     """
     b, length, h, _ = q.shape
     if k.shape[:2] != (b, length) or v.shape != k.shape:
@@ -496,30 +493,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = Tru
     seg = pad_sequence(seg, lp, value=-1)
     q, k, v, seg = (zigzag(x, n) for x in (q, k, v, seg))
     pos = zigzag_positions(lp, n, b)
-    out = ring_attention_fn(mesh, axis, causal=causal)(q, k, v, pos, pos, seg, seg)
-    return unzigzag(out, n)[:, :length]
-
-
-def dense_attention(q, k, v, *, causal=True, segment_ids=None, q_pos=None, kv_pos=None,
-                    scale=None):
-    """Reference attention with the same masking semantics as the ring (float32 softmax).
-
-    ``q [B, Lq, H, D]``, ``k``/``v [B, Lk, KVH, D]`` (GQA by grouping). ``segment_ids`` is None,
-    one int ``[B, L]`` array (self-attention, Lq == Lk) or a pair ``(q_seg, kv_seg)``; ``q_pos`` /
-    ``kv_pos`` default to ``arange``. Rows with no key to attend output 0. Output in q's dtype.
-    Keyword front end of :func:`lvr_jax.models.attention.dense_attention`.
-    """
-    b, lq = q.shape[:2]
-    lk = k.shape[1]
-    q_pos = jnp.broadcast_to(jnp.arange(lq) if q_pos is None else jnp.asarray(q_pos), (b, lq))
-    kv_pos = jnp.broadcast_to(jnp.arange(lk) if kv_pos is None else jnp.asarray(kv_pos), (b, lk))
-    q_seg = kv_seg = None
-    if isinstance(segment_ids, (tuple, list)):
-        q_seg, kv_seg = segment_ids
-    elif segment_ids is not None:
-        q_seg = kv_seg = segment_ids
-    if q_seg is not None:
-        q_seg = jnp.broadcast_to(jnp.asarray(q_seg), (b, lq))
-        kv_seg = jnp.broadcast_to(jnp.asarray(kv_seg), (b, lk))
-    return attention.dense_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
-                                     scale=scale)
+    layout = Layout.of(mesh, {"length": axis,
+                              "batch": tuple(a for a in ("data", "fsdp") if a != axis)})
+    ring = _sharded_ring(mesh, axis, layout.spec(NAMES, k.shape), causal=causal,
+                         key_tile=key_tile)
+    return unzigzag(ring(q, k, v, pos, pos, seg, seg), n)[:, :length]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 
 def padded_length(length: int, num_shards: int) -> int:
@@ -91,40 +91,26 @@ def zigzag_positions(length: int, num_shards: int, batch: int | None = None):
     return pos if batch is None else jnp.broadcast_to(pos, (batch, length))
 
 
-def shard_sequence(mesh, axis: str, input_embeds, positions, segment_ids=None):
+def shard_sequence(layout, input_embeds, positions, segment_ids=None):
     """Pad to a multiple of 2n (padding: segment -1), zigzag-reorder and constrain the sequence
-    to be sharded over `axis` (batch over data/fsdp when it divides).
+    to its sharding: tokens over the layout's ring axis (`length`), rows over `batch` where the
+    mesh axes divide them (a `sharding.mesh.Layout` with a ring axis).
 
     Returns `(x, pos, seg, where)`: the permuted arrays and `where[i]`, the permuted index of
     original token i (so `x[:, where]` is the original order).
     """
-    from sharding.ring_attention import _batch_axes  # ring_attention imports this module
-
-    n = mesh.shape[axis]
+    axis = layout.seq_axis
+    n = layout.mesh.shape[axis]
     b, length = input_embeds.shape[:2]
     lp = padded_length(length, n)
     seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
     x = zigzag(pad_sequence(input_embeds, lp), n)
     pos = zigzag(pad_sequence(positions, lp), n)
     seg = zigzag(pad_sequence(seg.astype(jnp.int32), lp, value=-1), n)
-    spec = PartitionSpec(_batch_axes(mesh, b, axis), axis)
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    names = ("batch", "length") + (None,) * (x.ndim - 2)
+    spec = layout.spec(names, x.shape)
+    if spec[1] != axis:
+        raise ValueError(f"the sharding rules put mesh axis {axis!r} on an earlier dimension than "
+                         f"'length' ({spec}); keep it out of 'batch'")
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
     return x, pos, seg, unzigzag_indices(lp, n)[:length]
-
-
-def sequence_parallel_call(model, input_embeds, positions, segment_ids, mesh, axis: str = "seq",
-                           **kwargs):
-    """Run `model(input_embeds, positions, ...)` (a Qwen2) with the sequence sharded over `axis`.
-
-    The prompt goes through `shard_sequence`; every layer's attention is the ring
-    (`ring_attention_fn`), all other ops stay per token. Outputs (logits or hidden states, and
-    per-layer K/V when asked) come back in global order, padding dropped.
-    """
-    from sharding.ring_attention import ring_attention_fn
-
-    x, pos, seg, where = shard_sequence(mesh, axis, input_embeds, positions, segment_ids)
-    out = model(x, pos, segment_ids=seg, attention_fn=ring_attention_fn(mesh, axis), **kwargs)
-    if kwargs.get("return_kv"):
-        out, kv = out
-        return out[:, where], jax.tree.map(lambda a: a[:, :, where], kv)
-    return out[:, where]

@@ -1,12 +1,7 @@
-"""Orbax checkpoints: sharded round trip, keep-N, incomplete steps ignored, save on SIGTERM."""
+"""Orbax checkpoints: sharded round trip, keep-N, incomplete steps ignored (the stop on SIGTERM
+is the loop's: tests/test_trainer.py, tests/test_multihost.py)."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +17,8 @@ from lvr_jax.train.checkpoint import (
     CheckpointError,
     Checkpointer,
     abstract_like,
-    install_sigterm_save,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Tiny(nnx.Module):
@@ -138,77 +131,3 @@ def test_latest_complete_wins_over_partial(tmp_path):
         ck.wait_until_finished()
         assert ck.all_steps() == [2, 8]
         assert ck.restore_latest(params=params, opt_state=opt_state).data_state == {"i": 8}
-
-
-SIGTERM_SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    sys.path.insert(0, {repo!r})
-    import jax, jax.numpy as jnp
-    from lvr_jax.train.checkpoint import Checkpointer, install_sigterm_save
-
-    ck = Checkpointer(sys.argv[1], max_to_keep=3)
-    state = {{"step": 0, "w": jnp.zeros(4)}}
-
-    def save():
-        ck.save(state["step"], params={{"w": state["w"]}}, opt_state={{"m": state["w"] * 2}},
-                rng=jax.random.key(1, impl="threefry2x32"),
-                data_state={{"seen": state["step"]}}, force=True)
-        ck.wait_until_finished()
-        print("SAVED", state["step"], flush=True)
-
-    install_sigterm_save(save)
-    while True:
-        state["step"] += 1
-        state["w"] = state["w"] + 1.0
-        if state["step"] == 3:
-            print("READY", flush=True)
-        time.sleep(0.02)
-""")
-
-
-def test_sigterm_saves_before_exit(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SIGTERM_SCRIPT.format(repo=REPO))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(["timeout", "-k", "5", "90", sys.executable, str(script), str(tmp_path / "ck")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline and "READY" not in line:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-        assert "READY" in line, proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)          # `timeout` forwards it to python
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.returncode == 0, err[-3000:]
-    saved = [int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("SAVED")]
-    assert len(saved) == 1 and saved[0] >= 3, out
-    with Checkpointer(tmp_path / "ck") as ck:
-        assert ck.latest_step() == saved[0]
-        w = jax.ShapeDtypeStruct((4,), jnp.float32)
-        r = ck.restore_latest(params={"w": w}, opt_state={"m": w},
-                              rng=jax.random.key(0, impl="threefry2x32"))
-    assert r.data_state == {"seen": saved[0]}
-    np.testing.assert_array_equal(np.asarray(r.params["w"]), np.full(4, saved[0], np.float32))
-    np.testing.assert_array_equal(np.asarray(r.opt_state["m"]), np.full(4, 2 * saved[0], np.float32))
-    np.testing.assert_array_equal(jax.random.key_data(r.rng),
-                                  jax.random.key_data(jax.random.key(1, impl="threefry2x32")))
-
-
-def test_install_sigterm_save_uninstall():
-    calls = []
-    uninstall = install_sigterm_save(lambda: calls.append(1), signals=(signal.SIGUSR1,))
-    try:
-        with pytest.raises(SystemExit) as e:
-            os.kill(os.getpid(), signal.SIGUSR1)
-            time.sleep(1)
-        assert e.value.code == 0 and calls == [1]
-    finally:
-        uninstall()
-    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lvr_jax.data import prompts, synthetic
-from lvr_jax.data.dataset import (DataConfig, Record, RecordError, SkipLog, load_records,
-                                  make_iter_dataset, num_batches, parse_record, resolve_video)
+from lvr_jax.data.dataset import DataConfig, default_shard, make_iter_dataset, num_batches
+from lvr_jax.data.records import Record, RecordError, SkipLog, load_records, parse_record, resolve_video
 from lvr_jax.data.video import Preprocessor
 
 IMAGE_SIZE = 28
@@ -73,11 +73,6 @@ def _same_batches(a, b):
 # Prompts
 
 
-def test_video_token_matches_weights_module():
-    from lvr_jax.weights.hf import VIDEO_TOKEN
-    assert prompts.VIDEO_TOKEN == VIDEO_TOKEN
-
-
 def test_rl_prompt(tokenizer):
     rng = np.random.default_rng(_seed())
     opts = [f"option {w}" for w in rng.choice(["red", "blue", "cube", "ball", "left"], 4, replace=False)]
@@ -111,16 +106,38 @@ def test_sft_mask_covers_exactly_the_reply(tokenizer):
     assert tokenizer.decode(ids[on[-1] + 1:]) == "\n"     # the template's trailing newline: no loss
 
 
-def test_expand_video_mask(tokenizer):
+def test_expand_like_video_mask(tokenizer):
+    """`vlm.expand_like_video` on a batch of 2 whose placeholders sit at different positions
+    (the second prompt has a system message), against np.concatenate of the parts."""
+    from lvr_jax.models.vlm import expand_like_video
+    rng = np.random.default_rng(_seed())
     q = prompts.format_question("Q?", ["a", "b"])
-    ids, mask = prompts.sft_ids_and_mask(tokenizer, q, prompts.reasoning_response("r", "A"))
+    reply = prompts.reasoning_response("r", "A")
+    rows = [prompts.sft_ids_and_mask(tokenizer, q, reply),
+            prompts.sft_ids_and_mask(tokenizer, q, reply, system="Watch the video closely.")]
     vid = tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN)
-    t, per = int(np.random.default_rng(_seed()).integers(1, 9)), 17
-    full = prompts.expand_video_mask(ids, mask, vid, t * per)
-    assert len(full) == prompts.expanded_length(len(ids), t, per)
-    p = int(np.nonzero(ids == vid)[0][0])
-    assert full[p:p + t * per].sum() == 0 and full.sum() == mask.sum()
-    np.testing.assert_array_equal(full[p + t * per:], mask[p + 1:])
+    width = max(len(ids) for ids, _ in rows)
+    ids = np.full((2, width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((2, width), np.int32)
+    for i, (r_ids, r_mask) in enumerate(rows):               # right-padded, as `collate` does
+        ids[i, :len(r_ids)], mask[i, :len(r_mask)] = r_ids, r_mask
+    where = [int(np.nonzero(row == vid)[0][0]) for row in ids]
+    assert where[0] != where[1] and all(int((row == vid).sum()) == 1 for row in ids)
+    t, per = int(rng.integers(1, 9)), 17
+    n = t * per
+    for fill in (0, 1):
+        full = np.asarray(expand_like_video(ids, mask, vid, n, fill))
+        assert full.shape == (2, prompts.expanded_length(width, t, per))
+        for i, p in enumerate(where):
+            assert (full[i, p:p + n] == fill).all() and full[i].sum() == mask[i].sum() + fill * n
+            np.testing.assert_array_equal(full[i, p + n:], mask[i, p + 1:])
+            ref = np.concatenate([mask[i, :p], np.full(n, fill, mask.dtype), mask[i, p + 1:]])
+            np.testing.assert_array_equal(full[i], ref)
+        # distinct values everywhere (the ids themselves): the part before the placeholder too
+        full_ids = np.asarray(expand_like_video(ids, ids, vid, n, -fill))
+        for i, p in enumerate(where):
+            np.testing.assert_array_equal(
+                full_ids[i], np.concatenate([ids[i, :p], np.full(n, -fill, ids.dtype), ids[i, p + 1:]]))
 
 
 @pytest.mark.parametrize("text,letter", [("<answer>B</answer>", "B"), ("<answer> c </answer>", "C"),
@@ -331,7 +348,7 @@ def test_bad_videos_skipped_and_counted(tmp_path, records, tokenizer, pre, data_
     recs, bad = _break_some(tmp_path, data_root, records)
     cfg = _cfg(data_root, num_frames=6, short_video="error", on_error="skip", batch_size=2,
                drop_remainder=False)
-    with caplog.at_level(logging.WARNING, logger="lvr_jax.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="lvr_jax.data.records"):
         batches, skipped = _run(recs, cfg, tokenizer, pre)
     assert skipped == len(bad)
     seen = np.concatenate([b["problem_id"] for b in batches]).tolist()
@@ -378,8 +395,6 @@ def test_worker_processes(tmp_path, records, tokenizer, pre, data_root):
 
 def test_default_shard_is_the_jax_process(records, tokenizer, pre, data_root):
     import jax
-
-    from lvr_jax.data.dataset import default_shard
     assert default_shard() == (jax.process_index(), jax.process_count())
     with pytest.raises(ValueError, match="both"):
         make_iter_dataset(records, _cfg(data_root), tokenizer, pre, shard_index=0)

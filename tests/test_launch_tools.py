@@ -1,8 +1,8 @@
-"""launch/generate.py (answer a question about a video) and launch/convert_checkpoint.py
-(VILA/HF <-> orbax): greedy answers equal a full-forward recompute, G samples, bit-identical
-round trips, training checkpoints exported with exactly their params, errors that name the input."""
+"""launch/generate.py (answer a question about a video: `lvr_jax.eval.generate`) and
+launch/convert_checkpoint.py (VILA/HF <-> orbax: `lvr_jax.train.convert`): greedy answers equal a
+full-forward recompute, G samples, bit-identical round trips, training checkpoints exported with
+exactly their params, errors that name the input."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,9 +19,11 @@ from safetensors.numpy import load_file
 from configs import demo
 from lvr_jax.data.prompts import rl_prompt_ids
 from lvr_jax.data.video import Preprocessor, read_frames
-from lvr_jax.eval.video_qa import stop_ids
+from lvr_jax.eval import generate
 from lvr_jax.rl.rewards import extract_answer
+from lvr_jax.rollout.sampler import stop_ids
 from lvr_jax.train import checkpoint as ckpt_lib
+from lvr_jax.train import convert, settings
 from lvr_jax.train.checkpoint import Checkpointer, CheckpointError
 from lvr_jax.weights import hf
 from sharding.mesh import make_mesh
@@ -39,20 +41,6 @@ def _add_noise(model, seed: int, scale: float = 0.05):
                                  .astype(x.dtype), x.sharding), nnx.state(model, nnx.Param))
     nnx.update(model, noisy)
     return model
-
-
-def _script(name):
-    """Import launch/<name>.py as a module (its `import common` needs launch/ on the path)."""
-    if str(ROOT / "launch") not in sys.path:
-        sys.path.insert(0, str(ROOT / "launch"))
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-generate = _script("generate")
-convert = _script("convert_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -254,17 +242,15 @@ def test_hf_orbax_hf_round_trip_is_bit_identical(tiny, tmp_path):
 
 
 def test_training_checkpoint_to_hf_has_its_params(tiny, tmp_path):
-    from lvr_jax.train import trainer
-
     # params sharded over fsdp as in training (fsdp only: orbax slices params replicated over
     # `seq` eagerly, seconds of compiles on CPU); restored below onto one device
     mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
-    model, _, _ = trainer.load_model(demo.get_config(), tiny["ckpt"], mesh)
+    model, _, _ = settings.load_model(demo.get_config(), tiny["ckpt"], mesh)
     init = _flat_params(model)
     work = tmp_path / "run"
     saved = {}
     with Checkpointer(work / "checkpoints", max_to_keep=3) as ck:
-        for step, seed in ((3, 11), (7, 12)):      # as trainer.save writes them, sharded
+        for step, seed in ((3, 11), (7, 12)):      # as train.state.save writes them, sharded
             m = _add_noise(model, seed)
             params = nnx.state(m, nnx.Param)
             assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
@@ -363,7 +349,7 @@ def test_to_orbax_failure_leaves_dst_untouched(tiny, tmp_path, monkeypatch):
 def test_plot_metrics_first_and_last_window_means(tmp_path):
     """The CLI's first/last-window means equal NumPy's over the logged values (rows without a
     metric, or with a non-number, are not counted)."""
-    plot_metrics = _script("plot_metrics")
+    from lvr_jax.train.metrics import first_last, read_runs
     rng = np.random.default_rng()
     reward = rng.uniform(0.1, 1.0, 57)
     rows = [{"step": i + 1, "reward_mean": float(r), "kl": float(rng.uniform(0.01, 0.2))}
@@ -373,7 +359,7 @@ def test_plot_metrics_first_and_last_window_means(tmp_path):
     path = tmp_path / "grpo" / "metrics.jsonl"
     path.parent.mkdir()
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = plot_metrics.first_last(plot_metrics.read_runs([path])["grpo"], window=20)
+    got = first_last(read_runs([path])["grpo"], window=20)
     np.testing.assert_allclose(got["reward_mean"], (reward[:20].mean(), reward[-20:].mean()),
                                rtol=1e-12)
     kl = np.asarray([r["kl"] for r in rows if "kl" in r])

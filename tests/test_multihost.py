@@ -146,9 +146,8 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, s
 
 
 def launch_common():
-    sys.path.insert(0, str(LAUNCH))
-    import common
-    return common
+    from lvr_jax import cli
+    return cli
 
 
 class FakeFlags:
@@ -159,7 +158,12 @@ class FakeFlags:
 
 
 def test_distributed_settings_flags_then_env_then_slurm():
-    settings = launch_common().distributed_settings
+    cli = launch_common()
+    settings = cli.distributed_settings
+    # what run_local.py gives process 1 of 2 is what init_distributed reads back
+    launched = cli.process_env({}, index=1, count=2, port=5, cpu_devices=4, gpus=None)
+    assert settings(None, launched) == {"coordinator_address": "localhost:5", "num_processes": 2,
+                                        "process_id": 1}
     env = {"JAX_COORDINATOR": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
            "SLURM_NTASKS": "8"}
     assert settings(FakeFlags("f:2", 2, 1), env) == {"coordinator_address": "f:2",

@@ -1,26 +1,19 @@
-"""launch/plan_memory.py on the tiny demo config: abstract compiles of the GRPO step's phases give
-per-device memory that behaves as sharding and sequence length say it must."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""lvr_jax.train.memory_plan (behind launch/plan_memory.py) on the tiny demo config: abstract
+compiles of the GRPO step's phases give per-device memory that behaves as sharding and sequence
+length say it must."""
 
 import jax
 import pytest
 
 from configs import demo
+from lvr_jax.models.attention import AttentionOptions
+from lvr_jax.train import memory_plan
 from sharding.mesh import make_mesh
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def pm():
-    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "launch" / "plan_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plan_memory"] = module
-    spec.loader.exec_module(module)
-    return module
+    return memory_plan
 
 
 def config(**rules):
@@ -73,3 +66,23 @@ def test_verdict_and_table(pm):
                 text=32, tokens={8: 167}, persistent={"opt_state": 3})
     table = pm.markdown(rows, info, 212)
     assert "| 8 | 167 | update |" in table and "DOES NOT FIT (largest: update" in table
+
+
+def test_stand_in_is_an_argument_and_leaves_no_trace(pm):
+    quiet = lambda _: None  # noqa: E731
+    what_if = pm.Plan.build(config(), mesh(4), stand_ins=("ring",))
+    attention = what_if.model.llm.cfg.attention
+    assert attention.prompt is pm.ring_stand_in and attention.prefix is None
+    assert attention.tie_positions == "on"                     # as the GPU program does
+    assert what_if.ref.llm.cfg.attention.prompt is pm.ring_stand_in
+    stand_in, = pm.plan_step(what_if, 4, phases=("prefill",), log=quiet)
+    plain = pm.Plan.build(config(), mesh(4))
+    real, = pm.plan_step(plain, 4, phases=("prefill",), log=quiet)
+    # the O(length) stand-in replaces the ring's sub-block scores: less temp
+    assert stand_in.temp < real.temp
+    # nothing global changed: a plain plan and the defaults have no stand-in
+    for options in (plain.model.llm.cfg.attention, plain.ref.llm.cfg.attention):
+        assert options.prompt is None and options.prefix is None and options.tie_positions == "on"
+    assert AttentionOptions() == AttentionOptions(tie_positions="auto", prompt=None, prefix=None)
+    with pytest.raises(ValueError, match="unknown stand-ins"):
+        pm.Plan.build(config(), mesh(4), stand_ins=("flash",))

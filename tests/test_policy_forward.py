@@ -1,5 +1,7 @@
 """The shared-prefix training forward: GRPO loss and gradients equal those of G full sequences."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +9,12 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from lvr_jax.models.attention import AttentionOptions
+from lvr_jax.models.qwen2 import left_pad
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
 from lvr_jax.rl.grpo import grpo_loss
 from lvr_jax.rl.policy import response_logprobs
-from lvr_jax.rollout import branches
-from lvr_jax.rollout.sampler import left_pad
-from sharding.mesh import make_mesh
+from sharding.mesh import Layout, make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
 
@@ -35,10 +37,12 @@ def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
 
 @pytest.mark.parametrize("shape,chunk", [(None, None), ({"seq": 4, "data": -1}, None),
                                          ({"seq": 4, "data": -1}, 3)])
-def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, monkeypatch):
+def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
+    cfg = vlm_config_from(tiny.get_config().model)
     if chunk:   # T - 1 = 4 teacher-forced queries in chunks of 3 (one padded chunk)
-        monkeypatch.setattr(branches, "QUERY_CHUNK", chunk)
-    model = perturb(init_vlm(vlm_config_from(tiny.get_config().model), 2), seed=9, scale=0.2)
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
+            cfg.llm, attention=AttentionOptions(query_chunk=chunk)))
+    model = perturb(init_vlm(cfg, 2), seed=9, scale=0.2)
     llm = model.llm
     rng = np.random.default_rng(3)
     prompts = [llm.embed_tokens(jnp.asarray(rng.integers(0, 512, n))) for n in (7, 12)]
@@ -47,11 +51,11 @@ def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, monkeyp
     old = jnp.asarray(rng.normal(-6, 0.3, (B * G, T)), jnp.float32)
     adv = jnp.asarray(rng.normal(size=B * G), jnp.float32)
     resp_mask = jnp.asarray(rng.random((B * G, T)) < 0.85)
-    mesh = make_mesh(shape) if shape else None
+    layout = Layout.of(make_mesh(shape) if shape else None)
 
     def loss(llm, shared):
         if shared:
-            lp = response_logprobs(llm, embeds, mask, responses, temperature=0.9, mesh=mesh)
+            lp = response_logprobs(llm, embeds, mask, responses, temperature=0.9, layout=layout)
         else:
             lp = full_sequence_logprobs(llm, embeds, mask, responses, 0.9)
         lp = lp.reshape(B * G, T)

@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sharding import ring_attention as ring_module
+from lvr_jax.models.attention import dense_attention
 from sharding.mesh import make_mesh
-from sharding.ring_attention import (
-    dense_attention,
-    ring_attention,
-    ring_attention_local_stats,
-)
+from sharding.ring_attention import ring_attention, ring_attention_local_stats
 from sharding.sequence_parallel import (
     pad_to_multiple,
     padded_length,
@@ -78,14 +74,14 @@ def dense_fwd(causal):
     return jax.jit(functools.partial(dense_attention, causal=causal))
 
 
-def ring_fn(mesh, causal):
+def ring_fn(mesh, causal, **kw):
     return with_grads(lambda q, k, v, seg: ring_attention(q, k, v, mesh=mesh, causal=causal,
-                                                          segment_ids=seg))
+                                                          segment_ids=seg, **kw))
 
 
-def check_against_dense(mesh, causal, seg, seed, **shape):
+def check_against_dense(mesh, causal, seg, seed, key_tile=512, **shape):
     q, k, v, ct = make_inputs(seed, **shape)
-    out, grads = ring_fn(mesh, causal)(q, k, v, ct, seg)
+    out, grads = ring_fn(mesh, causal, key_tile=key_tile)(q, k, v, ct, seg)
     ref, ref_grads = dense_fn(causal)(q, k, v, ct, seg)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel(out, ref) < TOL, rel(out, ref)
@@ -144,12 +140,12 @@ def test_ring_matches_dense_causal_packed_gqa(name):
 
 
 @pytest.mark.parametrize("tile,name", [(3, "seq2"), (4, "seq1")])
-def test_ring_key_tiles_match_dense(tile, name, monkeypatch):
+def test_ring_key_tiles_match_dense(tile, name):
     """Sub-blocks folded in key tiles that do not divide the key chunks (37 tokens padded to 40
     on seq 2: chunks of 10, tiles 3, 3, 3 and a last one shifted back over 2 keys already
     folded; on seq 1 chunks of 19 in tiles of 4)."""
-    monkeypatch.setattr(ring_module, "KEY_TILE", tile)
-    check_against_dense(make_mesh(MESHES[name]), True, packed_segments(), seed=30 + tile)
+    check_against_dense(make_mesh(MESHES[name]), True, packed_segments(), seed=30 + tile,
+                        key_tile=tile)
 
 
 def test_ring_matches_dense_noncausal():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lvr_jax.data import synthetic
-from lvr_jax.data.dataset import load_records
+from lvr_jax.data.records import load_records
 from lvr_jax.data.video import read_frames, sample_indices
 
 
@@ -175,22 +175,31 @@ def test_frame_range_and_size_checked(tmp_path):
 
 
 def test_cli(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_synthetic", "launch/make_synthetic.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    cli.main(["--out", str(tmp_path / "d"), "--num_train", "3", "--num_val", "1", "--num_test", "2",
-              "--frames", "16", "--size", "28", "--seed", str(_seed()), "--qtypes", "corner,move"])
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "make_synthetic.py"
+
+    def cli(args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              timeout=300)
+
+    out = cli(["--out", str(tmp_path / "d"), "--num_train", "3", "--num_val", "1", "--num_test", "2",
+               "--frames", "16", "--size", "28", "--seed", str(_seed()), "--qtypes", "corner,move"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["items"] == 6
     assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 3
     assert len((tmp_path / "d" / "test.jsonl").read_text().splitlines()) == 2
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["size"] == 28 and meta["frames"] == 16
     assert meta["qtypes"] == {"corner": "spatial", "move": "spatial"}
-    with pytest.raises(SystemExit):
-        cli.main(["--out", str(tmp_path / "e"), "--qtypes", "corner,nope"])
+    bad = cli(["--out", str(tmp_path / "e"), "--qtypes", "corner,nope"])     # a usage error
+    assert bad.returncode == 2 and "--qtypes: unknown question types ['nope']" in bad.stderr
     assert read_frames(tmp_path / "d" / "videos" / "val" / "val-00000.mp4", 4).shape == (4, 28, 28, 3)
-    with pytest.raises(SystemExit):
-        cli.main(["--out", str(tmp_path / "e"), "--frames", "2048"])
+    bad = cli(["--out", str(tmp_path / "e"), "--frames", "2048"])
+    assert bad.returncode == 2 and "--frames must be in" in bad.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_question_type_subset_and_fixed_order_corner(tmp_path):

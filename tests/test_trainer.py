@@ -1,4 +1,5 @@
-"""Training loop: exact resume after SIGKILL, non-finite updates skipped and counted."""
+"""Training loop: exact resume after SIGKILL, a SIGTERM stop that saves at a step boundary,
+non-finite updates skipped and counted."""
 
 import json
 import os
@@ -16,7 +17,8 @@ import optax
 import pytest
 
 from configs import demo
-from lvr_jax.train import trainer
+from lvr_jax.train import state as train_state
+from lvr_jax.train.loop import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -82,7 +84,7 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run():
     optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, final_lr_fraction=0.1,
                                            b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0,
                                            grad_accum_steps=1))
-    tx = trainer.make_optimizer(optim, 10)
+    tx = train_state.make_optimizer(optim, 10)
     params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=3), jnp.float32)}
     state = tx.init(params)
     good = {"w": jnp.ones(3)}
@@ -94,19 +96,14 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run():
         upd, state = tx.update(bad, state, params)
         params = optax.apply_updates(params, upd)
         np.testing.assert_array_equal(params["w"], before)   # update skipped
-        assert trainer.nonfinite_counts(state) == (i + 1, i + 1)
-
-    class FakeRun:
-        step = 7
-        config = ml_collections.ConfigDict({"train": {"max_nonfinite": 2}})
-        optimizer = None
+        assert train_state.nonfinite_counts(state) == (i + 1, i + 1)
 
     metrics = {}
-    with pytest.raises(trainer.NonFiniteError, match="2 consecutive steps"):
-        trainer.check_finite_counts(FakeRun, state, metrics)
+    with pytest.raises(train_state.NonFiniteError, match="2 consecutive steps"):
+        train_state.check_finite_counts(7, state, 2, metrics)
     assert metrics["nonfinite_skipped"] == 2
     upd, state = tx.update(good, state, params)
-    assert trainer.nonfinite_counts(state) == (0, 2)
+    assert train_state.nonfinite_counts(state) == (0, 2)
     assert jax.tree.leaves(upd)[0].shape == (3,)
 
 
@@ -116,7 +113,7 @@ def test_schedule_counts_optimizer_updates_under_gradient_accumulation():
     optim = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=2, final_lr_fraction=0.0,
                                            b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1e9,
                                            grad_accum_steps=4))
-    tx = trainer.make_optimizer(optim, 40)
+    tx = train_state.make_optimizer(optim, 40)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
     sizes = []
@@ -129,3 +126,18 @@ def test_schedule_counts_optimizer_updates_under_gradient_accumulation():
     assert sizes[0] == 0.0 and abs(sizes[2] - 1.0) < 1e-5       # warmup 0 -> peak at update 2
     assert all(a > b for a, b in zip(sizes[2:], sizes[3:]))      # decays every update after
     assert sizes[-1] < 0.05
+
+
+def test_stop_request_is_one_flag_for_any_process_count():
+    """SIGTERM / SIGINT only set the flag the loop checks at a step boundary (one process: no
+    collective); a second signal stops at once; the old handlers come back afterwards."""
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    with StopRequest() as stop:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop.asked and stop.agreed()
+        with pytest.raises(KeyboardInterrupt, match="received twice"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in StopRequest.SIGNALS} == before

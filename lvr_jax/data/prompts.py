@@ -2,7 +2,8 @@
 
 A user turn is `<vila/video>` + "\\n" + question (with its lettered options) + "\\n" + the reasoning
 instruction. The model (`VLM.embed_prompt`) replaces the single `<vila/video>` token by
-frames x tokens_per_frame embeddings; `expand_video_mask` gives the matching per-position mask.
+frames x tokens_per_frame embeddings (`lvr_jax.models.vlm.expand_like_video` gives the matching
+per-position masks).
 
 * RL: `rl_prompt_ids` = the chat-templated prompt with the generation prompt
   (`<|im_start|>assistant\\n`), token ids only.
@@ -19,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-VIDEO_TOKEN = "<vila/video>"        # == lvr_jax.weights.hf.VIDEO_TOKEN (checked by the tests)
+from lvr_jax.weights.tokens import VIDEO_TOKEN
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REASONING_INSTRUCTION = (
     "Think about the question step by step, using everything that happens in the video, and write "
@@ -149,17 +151,3 @@ def _end_of_turn_id(tokenizer) -> int:
 def expanded_length(num_tokens: int, num_frames: int, tokens_per_frame: int) -> int:
     """Sequence length after the placeholder is replaced by the video's embeddings."""
     return num_tokens - 1 + num_frames * tokens_per_frame
-
-
-def expand_video_mask(token_ids: np.ndarray, mask: np.ndarray, video_token_id: int,
-                      num_video_tokens: int, fill: int = 0) -> np.ndarray:
-    """A per-token array [L] -> [L - 1 + V] aligned with `VLM.embed_prompt`'s output: the
-    placeholder's entry becomes `num_video_tokens` entries equal to `fill`."""
-    token_ids = np.asarray(token_ids)
-    where = np.nonzero(token_ids == video_token_id)[0]
-    if len(where) != 1:
-        raise ValueError(f"expected exactly one video placeholder (id {video_token_id}), "
-                         f"found {len(where)}")
-    p = int(where[0])
-    mask = np.asarray(mask)
-    return np.concatenate([mask[:p], np.full(num_video_tokens, fill, mask.dtype), mask[p + 1:]])

@@ -4,47 +4,40 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvr_jax.data.dataset import make_iter_dataset
+from lvr_jax.data.records import load_records
+from lvr_jax.data.video import Preprocessor
+from lvr_jax.models.vlm import encode_batch, make_prompts
 from lvr_jax.rl.rewards import accuracy_reward, extract_answer, format_reward
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
+from lvr_jax.train import settings
+from lvr_jax.train.loop import eta
+from lvr_jax.train.metrics import say
+from sharding.mesh import UNSHARDED, Layout
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a reply: eos, <|im_end|>, <|endoftext|> when present."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
-           tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    return sorted(i for i in ids if isinstance(i, int) and 0 <= i != tokenizer.unk_token_id)
-
-
-def make_sampler(model, mesh, tokenizer) -> Sampler:
-    """A sampler that stops at the tokenizer's `stop_ids` and pads finished rows with its pad id
-    (else the first stop id)."""
-    eos = stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else 0)
-    return Sampler(model, mesh, eos_ids=eos, pad_id=int(pad))
-
-
-def evaluate(model, tokenizer, batches, *, mesh=None, max_new_tokens: int = 96,
-             prompt_fn=None, features_fn=None, limit: int | None = None, on_batch=None) -> dict:
+def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_tokens: int = 96,
+             limit: int | None = None, on_batch=None) -> dict:
     """Greedy-decode every batch of an RL-mode data iterator and score the answers.
 
-    `features_fn(model, frames)` and `prompt_fn(model, feats, ids, attn, multiple)` are the
-    trainer's compiled helpers; `on_batch(items_done, items_correct)` is called after each
-    batch. Returns {"accuracy", "format_rate", "n", "per_category": {...}, "items": [...]}.
+    `on_batch(items_done, items_correct)` is called after each batch. Returns {"accuracy",
+    "format_rate", "n", "per_category": {...}, "items": [...]}.
     """
-    sampler = make_sampler(model, mesh, tokenizer)
-    params = SamplingParams(max_new_tokens, 0.0, 1.0, 0, 1)
+    sampler = Sampler.for_tokenizer(model, layout.mesh, tokenizer, rules=layout.table)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     per_cat = collections.defaultdict(list)
     items = []
     for batch in batches:
-        feats = features_fn(model, jnp.asarray(batch["frames"]))
-        x, mask = prompt_fn(model, feats, jnp.asarray(batch["input_ids"]),
-                            jnp.asarray(batch["attention_mask"]), sampler.pad_multiple)
+        feats = encode_batch(model, jnp.asarray(batch["frames"]), layout=layout)
+        x, mask = make_prompts(model, feats, jnp.asarray(batch["input_ids"]),
+                               jnp.asarray(batch["attention_mask"]), layout.pad_multiple)
         tokens, _, lengths = sampler.generate_padded(x, mask, params)
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
                                        skip_special_tokens=True)
@@ -79,3 +72,33 @@ def write_report(result: dict, out_dir, name: str = "eval") -> tuple[Path, Path]
     lines.append(f"\nformat rate: {result['format_rate']:.3f}\n")
     (out / f"{name}.md").write_text("\n".join(lines))
     return out / f"{name}.json", out / f"{name}.md"
+
+
+def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None,
+                        limit: int | None = None, name: str = "eval") -> dict:
+    """Greedy multiple-choice accuracy of a VILA-layout checkpoint on a split of the config's
+    data, on the config's mesh; writes `<out_dir>/<name>.json` and `.md`."""
+    mesh, layout = settings.mesh_and_layout(config)
+    model, tok, _ = settings.load_model(config, checkpoint, mesh)
+    split = split or config.eval.split
+    dcfg = settings.data_config(config, mode="rl", num_epochs=1, shuffle=False,
+                                drop_remainder=False, batch_size=int(config.eval.batch_size))
+    records = load_records(settings.data_files(config, split), on_error=dcfg.on_error)
+    pre = Preprocessor.from_pretrained(Path(checkpoint) / "vision_tower")
+    batches = iter(make_iter_dataset(records, dcfg, tok, pre, shard_index=0, shard_count=1))
+    total = len(records) if limit is None else min(limit, len(records))
+    t0 = time.perf_counter()
+
+    def progress(done: int, correct: int) -> None:
+        say(f"[eval] {name}: {eta(done, total, time.perf_counter() - t0, unit='item')} "
+            f"accuracy so far {correct / max(done, 1):.3f}")
+
+    result = evaluate(model, tok, batches, layout=layout,
+                      max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
+                      on_batch=progress)
+    md_path = Path(out_dir) / f"{name}.md"
+    if jax.process_index() == 0:
+        _, md_path = write_report(result, out_dir, name)
+    say(f"[eval] {checkpoint} on {split}: accuracy {result['accuracy']:.3f} over {result['n']} "
+        f"(format {result['format_rate']:.3f}); report {md_path}")
+    return result

@@ -1,71 +1,67 @@
-"""Building blocks shared by the towers: annotated params, norms, RoPE, dense attention, layer scan."""
+"""Attention of the decoder: how it is chosen (`AttentionOptions`), dense attention (the reference
+masking semantics), the ring for sequence-parallel prompts, and the shared-prefix merge.
+
+Masking semantics, shared by every path: query i attends key j iff seg_k[j] >= 0 and
+seg_q[i] == seg_k[j] and (if causal) pos_k[j] <= pos_q[i]. A query with no key to attend gives 0.
+GQA by grouping: q [B, L, H, D] against k, v [B, L, KVH, D]; query head h uses kv head
+h // (H // KVH); K/V are never repeated in memory.
+
+Shared prefix (MR-SP stage 3): G branches per prompt attend to one prompt cache, sharded over the
+layout's `cache_length` axis, plus their own tokens. Attention of a branch query = log-sum-exp
+merge of (a) the query against the prefix K/V: each device scores its local prefix shard and the
+max, the sum and the weighted values are combined with pmax / psum (the cache never moves), and
+(b) the query against the branch's cached tokens (< `step`) and its new tokens (causal). This
+equals attention over the full sequence prompt + response.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-AttentionFn = Callable[..., jax.Array]
+from sharding.ring_attention import KEY_TILE, ring_attention_fn
+
+TIE_CHOICES = ("auto", "on", "off")
 
 
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], *,
-          init: str = "normal", std: float = 0.02, dtype=jnp.float32) -> nnx.Param:
-    """A Param annotated with logical axis names (`out_sharding`); init normal / zeros / ones.
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How the decoder attends: knobs that change the compiled program (memory, speed), not the
+    result. Part of `Qwen2Config` (config section `model.attention`).
 
-    Eager sharding is off: placement on a mesh is done by `sharding.mesh` from these names, so a
-    dim that a mesh axis does not divide is replicated instead of failing.
+    key_tile       keys per score tile inside a ring sub-block
+    query_chunk    branch queries per rematerialised chunk in the training forward (their scores
+                   against a prefix shard are [B, G, chunk, H, S_local] float32; decode never chunks)
+    tie_positions  the ring's position tie (`sharding.ring_attention._ring_forward`): "on",
+                   "off", or "auto" = on except on the CPU backend (where XLA:CPU deadlocked on it)
+    prompt         what-if stand-in for the prompt attention, `f(q, k, v, q_pos, kv_pos, q_seg,
+                   kv_seg)`, or None (the memory planner measures everything else with it)
+    prefix         what-if stand-in for `prefix_stats`, or None
     """
-    shape = tuple(int(s) for s in shape)
-    if init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    elif init == "ones":
-        value = jnp.ones(shape, dtype)
-    elif init == "normal":
-        value = std * jax.random.normal(rngs.params(), shape, dtype)
-    else:
-        raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+    key_tile: int = KEY_TILE
+    query_chunk: int = 256
+    tie_positions: str = "auto"
+    prompt: Callable | None = None
+    prefix: Callable | None = None
 
+    def __post_init__(self):
+        if self.tie_positions not in TIE_CHOICES:
+            raise ValueError(f"attention.tie_positions must be one of {TIE_CHOICES}, got "
+                             f"{self.tie_positions!r}")
+        if self.key_tile < 1 or self.query_chunk < 1:
+            raise ValueError(f"attention.key_tile and query_chunk must be >= 1, got "
+                             f"{self.key_tile}, {self.query_chunk}")
 
-def values(module: nnx.Module, names: Sequence[str]) -> dict[str, jax.Array]:
-    """The raw arrays of the named Params of `module`."""
-    return {n: getattr(module, n).get_value() for n in names}
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * xf.astype(x.dtype)
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, statistics in float32."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [..., head_dim] for split-half RoPE at integer `positions`."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, L, heads, D] by split-half RoPE; cos/sin are [B, L, D]."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
+    def tie(self) -> bool:
+        """Whether the ring ties positions on this backend."""
+        if self.tie_positions == "auto":
+            return jax.default_backend() != "cpu"
+        return self.tie_positions == "on"
 
 
 def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True) -> jax.Array:
@@ -78,14 +74,19 @@ def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True) 
     return mask
 
 
-def dense_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, causal: bool = True,
-                    scale: float | None = None) -> jax.Array:
-    """Softmax attention, GQA by grouping (K/V never repeated), float32 softmax.
+def dense_attention(q, k, v, q_pos=None, kv_pos=None, q_seg=None, kv_seg=None, *,
+                    causal: bool = True, scale: float | None = None, segment_ids=None):
+    """Softmax attention with the masking semantics above, float32 softmax, output in q's dtype.
 
-    q [B, Lq, H, D]; k, v [B, Lk, KVH, D]; rows with no valid key give 0.
+    q [B, Lq, H, D]; k, v [B, Lk, KVH, D]. Positions default to `arange`; `segment_ids` is a
+    shorthand for self-attention segments (one [B, L] array for both sides).
     """
     b, lq, h, d = q.shape
-    kvh = k.shape[2]
+    lk, kvh = k.shape[1], k.shape[2]
+    q_pos = jnp.broadcast_to(jnp.arange(lq) if q_pos is None else q_pos, (b, lq))
+    kv_pos = jnp.broadcast_to(jnp.arange(lk) if kv_pos is None else kv_pos, (b, lk))
+    if segment_ids is not None:
+        q_seg = kv_seg = jnp.broadcast_to(jnp.asarray(segment_ids), (b, lq))
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, lq, kvh, h // kvh, d)
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
@@ -100,17 +101,83 @@ def dense_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, causal: 
     return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
-def scan_layers(layer_fn, stacked: dict, x, *, remat: bool | str = False, num_layers=None):
-    """Run `layer_fn(params_i, x) -> (x, y)` over stacked params with one compiled body.
+def prompt_attention(layout, options: AttentionOptions):
+    """`attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` for a prompt laid out by `layout`: the
+    zigzag ring over its `length` axis (inputs from `shard_sequence`), else dense attention;
+    the options' stand-in when one is set."""
+    if options.prompt is not None:
+        return options.prompt
+    if layout.seq_axis is None:
+        return dense_attention
+    return ring_attention_fn(layout, key_tile=options.key_tile, tie_positions=options.tie())
 
-    `remat`: False, True (save nothing) or 'dots' (save matmul outputs without batch dims).
-    `num_layers` runs only the first layers (e.g. SigLIP features from hidden_states[-2]).
-    """
-    if num_layers is not None:
-        stacked = jax.tree.map(lambda a: a[:num_layers], stacked)
-    fn = layer_fn
-    if remat:
-        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
-                  else jax.checkpoint_policies.nothing_saveable)
-        fn = jax.checkpoint(layer_fn, policy=policy)
-    return jax.lax.scan(lambda carry, p: fn(p, carry), x, stacked)
+
+# ----------------------------------------------------------------------------- shared prefix
+
+
+def prefix_stats(q, k, v, valid, *, scale, axis=None):
+    """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D],
+    valid [B, S]; summed over `axis` when given. Returns float32 (max, sum, weighted values)."""
+    s = jnp.einsum("bgtkhd,bskd->bgtkhs", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid[:, None, None, None, None, :], s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
+    if axis is not None:
+        m = jax.lax.pmax(m, axis)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    l_sum = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bgtkhs,bskd->bgtkhd", p, v.astype(jnp.float32))
+    if axis is not None:
+        l_sum, o = jax.lax.psum((l_sum, o), axis)
+    return m, l_sum, o
+
+
+def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
+                     *, layout, options: AttentionOptions):
+    """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] (sharded over the
+    layout's `cache_length` axis); cache [B, G, C, KVH, D] of which entries < `step` are valid.
+    -> [B, G, T, H, D]. Queries run in rematerialised chunks of `options.query_chunk` when T is
+    longer (same result, less memory)."""
+    b, g, t, h, d = q.shape
+    kvh = k_new.shape[-2]
+    qg = q.reshape(b, g, t, kvh, h // kvh, d)
+    scale = d ** -0.5
+    axis = layout.axis("cache_length")
+    stats_fn = options.prefix or prefix_stats
+    if axis is not None:
+        stats = jax.shard_map(functools.partial(stats_fn, scale=scale, axis=axis),
+                              mesh=layout.mesh,
+                              in_specs=(P(), P(None, axis), P(None, axis), P(None, axis)),
+                              out_specs=P(), axis_names={axis})
+    else:
+        stats = functools.partial(stats_fn, scale=scale)
+    c = cache_k.shape[2]
+    keys = jnp.concatenate([cache_k.astype(k_new.dtype), k_new], axis=2)   # [B, G, C+T, KVH, D]
+    vals = jnp.concatenate([cache_v.astype(v_new.dtype), v_new], axis=2)
+
+    def attend(qc, first):
+        """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ..."""
+        m1, l1, o1 = stats(qc, prefix_k, prefix_v, prefix_valid)
+        j, i = jnp.arange(c + t)[None, :], first + jnp.arange(qc.shape[2])[:, None]
+        own = jnp.where(j < c, j < step, j - c <= i)                         # [Tc, C+T]
+        s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qc, keys,
+                        preferred_element_type=jnp.float32) * scale
+        s2 = jnp.where(own[:, None, None, :], s2, -jnp.inf)
+        m = jnp.maximum(m1, jax.lax.stop_gradient(jnp.max(s2, axis=-1)))
+        w1 = jnp.exp(m1 - m)
+        p2 = jnp.exp(s2 - m[..., None])
+        denom = l1 * w1 + jnp.sum(p2, axis=-1)
+        num = o1 * w1[..., None] + jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2,
+                                              vals.astype(jnp.float32))
+        return (num / denom[..., None]).astype(q.dtype)
+
+    chunk = options.query_chunk
+    if t <= chunk:
+        out = attend(qg, 0)
+    else:
+        n = -(-t // chunk)
+        padded = jnp.pad(qg, [(0, 0), (0, 0), (0, n * chunk - t)] + [(0, 0)] * 3)
+        chunks = jnp.moveaxis(padded.reshape(b, g, n, chunk, *qg.shape[3:]), 2, 0)
+        out = jax.lax.map(jax.checkpoint(lambda a: attend(*a)), (chunks, jnp.arange(n) * chunk))
+        out = jnp.moveaxis(out, 0, 2).reshape(b, g, n * chunk, *qg.shape[3:])[:, :, :t]
+    return out.reshape(b, g, t, h, d)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvr_jax.models.attention import layer_norm, param
+from lvr_jax.models.layers import layer_norm, param
 
 SUPPORTED_PROJECTORS = ("mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
 

@@ -1,4 +1,12 @@
-"""Qwen2 decoder (GQA, q/k/v bias, RMSNorm, split-half RoPE) with scanned, stacked layers."""
+"""Qwen2 decoder (GQA, q/k/v bias, RMSNorm, split-half RoPE) with scanned, stacked layers.
+
+The one place the layer stack runs (`Qwen2._stack`), behind three entry points:
+  forward  `Qwen2.__call__` / `forward`: logits (or hidden states, K/V) of whole sequences;
+           sequence-parallel (zigzag ring over the layout's `length` axis) when the layout has one
+  prefill  prompts -> `Prefix`, the shared prompt cache (K/V kept in the ring's order and sharding)
+  extend   G branches per prompt against a `Prefix` (and their own cache): the decode step and
+           the GRPO training forward
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import nnx, struct
 
-from lvr_jax.models.attention import (
-    apply_rope,
-    dense_attention,
-    param,
-    rms_norm,
-    rope_cos_sin,
-    scan_layers,
-    values,
-)
+from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
+from lvr_jax.models.layers import apply_rope, param, rms_norm, rope_cos_sin, scan_layers, values
+from sharding.mesh import UNSHARDED, Layout
+from sharding.sequence_parallel import shard_sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Qwen2Config:
     dtype: Any = jnp.float32        # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool | str = False
+    attention: AttentionOptions = AttentionOptions()
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -118,6 +123,18 @@ def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend):
     return x + mlp @ c("down_kernel"), (k, v)
 
 
+@struct.dataclass
+class Prefix:
+    """The shared prompt cache (`Qwen2.prefill`): K/V [layers, B, Lp, KVH, D] in the layout's
+    order (zigzag + padding under the ring, sharded over it), validity [B, Lp], real prompt
+    lengths [B], and the logits [B, V] predicting the first response token."""
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    logits: jax.Array
+
+
 class Qwen2(nnx.Module):
     """Qwen2 causal LM over input embeddings; tied or untied output head."""
 
@@ -140,38 +157,117 @@ class Qwen2(nnx.Module):
         """Final norm + output projection; logits in float32."""
         h = rms_norm(hidden, self.final_norm.get_value(), self.cfg.rms_norm_eps)
         w = (self.embed.get_value().T if self.lm_head is None else self.lm_head.get_value())
-        return jnp.einsum("ble,ev->blv", h, w.astype(self.cfg.dtype),
+        return jnp.einsum("...e,ev->...v", h, w.astype(self.cfg.dtype),
                           preferred_element_type=jnp.float32)
 
+    def _stack(self, x, positions, attend, per_layer=()):
+        """THE layer stack: `decoder_layer` scanned over the stacked params (remat per config).
+        x [N, L, E] at positions [N, L]; `attend(q, k, v, *per_layer_i)` gets this layer's slice
+        of every `per_layer` array (leading axis: layers). Returns (x, per-layer (k, v))."""
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        def layer(xs, x):
+            p, extra = xs
+            return decoder_layer(cfg, p, x, cos, sin, lambda q, k, v: attend(q, k, v, *extra))
+
+        stacked = (values(self.layers, LAYER_PARAMS), tuple(per_layer))
+        return scan_layers(layer, stacked, x.astype(cfg.dtype), remat=cfg.remat)
+
+    def _prompt(self, x, positions, segment_ids, layout: Layout):
+        """Prompts [B, L, E] through the stack, laid out for the layout: under a ring axis padded
+        and zigzag-ordered, sharded over it. Returns (hidden, (k, v), seg, where): everything in
+        that order, and `where[i]` = the index of original token i (None: not permuted)."""
+        seg = segment_ids
+        where = None
+        if layout.seq_axis is not None:
+            x, positions, seg, where = shard_sequence(layout, x, positions, seg)
+        attend = prompt_attention(layout, self.cfg.attention)
+        hidden, kv = self._stack(x, positions,
+                                 lambda q, k, v: attend(q, k, v, positions, positions, seg, seg))
+        return hidden, kv, seg, where
+
     def __call__(self, input_embeds: jax.Array, positions: jax.Array, *,
-                 segment_ids: jax.Array | None = None, attention_fn=None, mesh=None,
-                 seq_axis: str = "seq", return_hidden: bool = False, return_kv: bool = False):
+                 segment_ids: jax.Array | None = None, mesh=None, rules=None,
+                 return_hidden: bool = False, return_kv: bool = False):
         """Logits [B, L, V] for input embeddings [B, L, E] at integer positions [B, L].
 
         `segment_ids` [B, L]: tokens attend within equal ids; ids < 0 are padding.
-        `mesh` with `seq_axis` > 1: sequence-parallel prefill (pad, zigzag, shard over the axis,
-        ring attention, restore); the result equals the unsharded forward.
-        `attention_fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` replaces dense attention.
+        `mesh` (+ logical-axis `rules`, default `sharding.mesh.DEFAULT_RULES`): with a ring axis
+        (rule 'length', `seq` by default, of size > 1) the forward is sequence parallel (pad,
+        zigzag, shard, ring attention, restore); the result equals the unsharded forward.
         With `return_kv`, also returns per-layer (k, v), each [layers, B, L, KVH, D]; with
         `return_hidden`, the final hidden states instead of logits.
         """
-        if mesh is not None and mesh.shape.get(seq_axis, 1) > 1:
-            from sharding.sequence_parallel import sequence_parallel_call
-            return sequence_parallel_call(self, input_embeds, positions, segment_ids, mesh,
-                                          seq_axis, return_hidden=return_hidden,
-                                          return_kv=return_kv)
+        return self.forward(input_embeds, positions, segment_ids=segment_ids,
+                            layout=Layout.of(mesh, rules), return_hidden=return_hidden,
+                            return_kv=return_kv)
+
+    def forward(self, input_embeds, positions, *, segment_ids=None, layout: Layout = UNSHARDED,
+                return_hidden: bool = False, return_kv: bool = False):
+        """`__call__` with a `Layout`; outputs in the original token order."""
+        hidden, (k, v), _, where = self._prompt(input_embeds, positions, segment_ids, layout)
+        if where is not None:
+            hidden, k, v = hidden[:, where], k[:, :, where], v[:, :, where]
+        out = hidden if return_hidden else self.head(hidden)
+        return (out, (k, v)) if return_kv else out
+
+    def prefill(self, embeds, mask, *, layout: Layout = UNSHARDED) -> Prefix:
+        """Run left-padded prompts [B, Lp, E] (mask [B, Lp]) once; keep their K/V as the prefix.
+        Positions count the real tokens; padding is segment -1."""
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        seg = jnp.where(mask, 0, -1).astype(jnp.int32)
+        hidden, (k, v), seg, where = self._prompt(embeds, positions, seg, layout)
+        last = embeds.shape[1] - 1 if where is None else int(where[-1])
+        logits = self.head(hidden[:, last])
+        return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
+
+    def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
+        """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a
+        response cache (k, v), each [layers, B, G, C, KVH, D], of which `step` entries are
+        valid). Returns (hidden [B, G, T, E], new K/V, each [layers, B, G, T, KVH, D]).
+        Gradients reach the prompt through the prefix K/V of every branch."""
         cfg = self.cfg
-        attention_fn = attention_fn or dense_attention
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        seg = segment_ids
+        b, g, t = tokens.shape
+        x = self.embed_tokens(tokens.reshape(b * g, t))
+        pos = prefix.lengths[:, None, None] + step + jnp.arange(t)[None, None, :]
+        pos = jnp.broadcast_to(pos, (b, g, t)).reshape(b * g, t)
+        if cache is None:
+            empty = jnp.zeros((cfg.num_layers, b, g, 0, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+            cache = (empty, empty)
+        split = lambda a: a.reshape(b, g, t, *a.shape[2:])  # noqa: E731
 
-        def attend(q, k, v):
-            return attention_fn(q, k, v, positions, positions, seg, seg)
+        def attend(q, k, v, pk, pv, ck, cv):
+            o = branch_attention(split(q), split(k), split(v), pk, pv, prefix.valid, ck, cv, step,
+                                 layout=layout, options=cfg.attention)
+            return o.reshape(b * g, t, *o.shape[3:])
 
-        def layer(p, x):
-            return decoder_layer(cfg, p, x, cos, sin, attend)
+        x, (k, v) = self._stack(x, pos, attend, per_layer=(prefix.k, prefix.v, *cache))
+        return x.reshape(b, g, t, -1), (k.reshape(-1, b, g, t, *k.shape[3:]),
+                                        v.reshape(-1, b, g, t, *v.shape[3:]))
 
-        stacked = values(self.layers, LAYER_PARAMS)
-        x, kv = scan_layers(layer, stacked, input_embeds.astype(cfg.dtype), remat=cfg.remat)
-        out = x if return_hidden else self.head(x)
-        return (out, kv) if return_kv else out
+
+def to_left_padded(x, valid, multiple: int = 1):
+    """Right-padded [B, L, ...] (valid tokens first, mask `valid` [B, L]) -> left-padded, length
+    rounded up to a multiple of `multiple`; returns (x, valid). The layout `prefill` takes."""
+    length = x.shape[1]
+    target = -(-length // multiple) * multiple
+    if target != length:
+        x = jnp.pad(x, [(0, 0), (0, target - length)] + [(0, 0)] * (x.ndim - 2))
+        valid = jnp.pad(valid, [(0, 0), (0, target - length)])
+    shift = target - jnp.sum(valid, axis=1)
+    roll = jax.vmap(lambda a, s: jnp.roll(a, s, axis=0))
+    return roll(x, shift), roll(valid, shift)
+
+
+def left_pad(prompts, multiple: int = 1):
+    """A list of [L_i, ...] arrays -> (left-padded [B, Lp, ...], mask [B, Lp]); Lp the longest
+    length rounded up to a multiple of `multiple`."""
+    longest = max(int(p.shape[0]) for p in prompts)
+    valid = np.zeros((len(prompts), longest), bool)
+    rows = []
+    for i, p in enumerate(prompts):
+        p = jnp.asarray(p)
+        rows.append(jnp.pad(p, [(0, longest - p.shape[0])] + [(0, 0)] * (p.ndim - 1)))
+        valid[i, :p.shape[0]] = True
+    return to_left_padded(jnp.stack(rows), jnp.asarray(valid), multiple)

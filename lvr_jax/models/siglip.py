@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lvr_jax.models.attention import layer_norm, param, scan_layers, values
+from lvr_jax.models.layers import layer_norm, param, scan_layers, values
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,25 @@
-"""The video-language model: SigLIP -> NVILA projector -> Qwen2, frames spliced at a placeholder."""
+"""The video-language model: SigLIP -> NVILA projector -> Qwen2, frames spliced at a placeholder.
+
+Per GRPO step (MR-SP stage 1): `encode_batch` computes the vision features of a batch of clips
+once, frame-parallel over the layout's `frames` axis; `make_prompts` projects them and splices
+them into the prompts, left padded for `Qwen2.prefill` / `extend`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.projector import Projector, projector_dims
-from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
+from lvr_jax.models.qwen2 import Qwen2, Qwen2Config, to_left_padded
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
+from sharding.frame_parallel import vision_features
+from sharding.mesh import UNSHARDED, Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,29 @@ class VLM(nnx.Module):
         """LLM logits for input embeddings; see `Qwen2.__call__` for the options."""
         return self.llm(input_embeds, positions, **kwargs)
 
+    def batch_features(self, frames: jax.Array, layout: Layout = UNSHARDED) -> jax.Array:
+        """Vision features [B, T, N, C] of clips [B, T, H, W, 3], each clip's frames split over
+        the layout's `frames` axis."""
+        axis = layout.axis("frames")
+        encode = (self.vision if axis is None else
+                  functools.partial(vision_features, self.vision, mesh=layout.mesh, axis=axis))
+        return jnp.stack([encode(f) for f in frames])
+
+    def prompt_from_features(self, feats, ids, attn):
+        """Vision features [B, T, N, C] + right-padded prompt ids / attention mask [B, L] ->
+        (embeds [B, L - 1 + T * tokens_per_frame, E], valid [B, same]), right padded."""
+        b = feats.shape[0]
+        video = jax.vmap(self.project_frames)(feats)
+        video = video.reshape(b, -1, video.shape[-1])
+        valid = expand_like_video(ids, attn.astype(jnp.int32), self.cfg.video_token_id,
+                                  video.shape[1], 1)
+        return self.embed_prompt(ids, video), valid.astype(bool)
+
+    def rollout_prompts(self, feats, ids, attn, multiple: int = 1):
+        """`prompt_from_features` left padded to a multiple of `multiple` (a layout's
+        `pad_multiple`): (x [B, Lp, E], mask [B, Lp]) for `Qwen2.prefill`."""
+        return to_left_padded(*self.prompt_from_features(feats, ids, attn), multiple)
+
 
 def splice(token_embeds: jax.Array, is_placeholder: jax.Array, video: jax.Array) -> jax.Array:
     """Replace the single True position of `is_placeholder` [L] by the rows of `video` [V, D]."""
@@ -93,12 +125,40 @@ def splice(token_embeds: jax.Array, is_placeholder: jax.Array, video: jax.Array)
     return jnp.where(in_video[:, None], vid, tok)
 
 
+def expand_like_video(ids, per_token, video_token_id: int, num_video: int, fill):
+    """A per-token array [B, L] -> [B, L - 1 + num_video], aligned with `embed_prompt`: the
+    placeholder's entry becomes `num_video` entries equal to `fill`."""
+    def one(row, where):
+        return splice(row[:, None], where, jnp.full((num_video, 1), fill, row.dtype))[:, 0]
+
+    return jax.vmap(one)(per_token, ids == video_token_id)
+
+
+@functools.partial(nnx.jit, static_argnames=("layout",), graph_updates=False)
+def encode_batch(model: VLM, frames, layout: Layout = UNSHARDED):
+    """Compiled `VLM.batch_features`: the features of a step's clips, computed once and reused
+    by the rollout, the reference pass and the update (frozen tower)."""
+    return model.batch_features(frames, layout)
+
+
+@functools.partial(nnx.jit, static_argnames=("multiple",), graph_updates=False)
+def make_prompts(model: VLM, feats, ids, attn, multiple: int = 1):
+    """Compiled `VLM.rollout_prompts`: left-padded prompt embeddings from cached features."""
+    return model.rollout_prompts(feats, ids, attn, multiple)
+
+
+def attention_options(section) -> AttentionOptions:
+    """AttentionOptions from a config's `model.attention` section (absent: the defaults)."""
+    return AttentionOptions(**dict(section or {}))
+
+
 def vlm_config_from(model_cfg) -> VLMConfig:
     """VLMConfig from a config's `model` section (see configs/common.py)."""
     numerics = dict(dtype=jnp.dtype(model_cfg["dtype"]),
                     param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=model_cfg["remat"])
     return VLMConfig(
-        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics),
+        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics,
+                        attention=attention_options(model_cfg.get("attention"))),
         vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics),
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),

@@ -12,6 +12,7 @@ values).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -19,6 +20,23 @@ import jax.numpy as jnp
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean"]
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """The loss settings a compiled GRPO update needs (hashable: a static argument). The
+    temperature is the sampling one: log-probs are taken at it."""
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    beta: float = 0.01
+    loss_agg: str = "token-mean"
+
+    def __post_init__(self):
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"the GRPO temperature must be > 0, got {self.temperature}")
 
 
 def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:

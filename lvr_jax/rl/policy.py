@@ -1,9 +1,9 @@
 """Per-token log-probs of G responses per prompt with the prompt run once (shared prefix).
 
-The prompt embeddings (video already spliced) go through the LLM once per group, sharded over
-`seq` with the ring when the mesh has seq > 1; the G responses run as branches against the
-prompt's K/V (`lvr_jax.rollout.branches`). Gradients reach the prompt's activations through the
-K/V of every branch, so the loss equals the one of G full sequences prompt + response.
+The prompt embeddings (video already spliced) go through the LLM once per group
+(`Qwen2.prefill`, sequence-parallel under a layout with a ring axis); the G responses run as
+branches against the prompt's K/V (`Qwen2.extend`). Gradients reach the prompt's activations
+through the K/V of every branch, so the loss equals the one of G full sequences prompt + response.
 """
 
 from __future__ import annotations
@@ -11,31 +11,52 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lvr_jax.rl.grpo import entropy as token_entropy
-from lvr_jax.rl.grpo import token_logprobs
-from lvr_jax.rollout.branches import branch_forward
-from lvr_jax.rollout.sampler import prefill
+from lvr_jax.rl.grpo import grpo_loss, masked_mean, token_logprobs
+from sharding.mesh import UNSHARDED, Layout
 
 
-def response_logits(llm, prompt_embeds, prompt_mask, responses, *, mesh=None, axis="seq"):
+def response_logits(llm, prompt_embeds, prompt_mask, responses, *, layout: Layout = UNSHARDED):
     """Logits [B, G, T, V] predicting responses [B, G, T] after left-padded prompts [B, Lp, E]."""
-    prefix = prefill(llm, prompt_embeds, prompt_mask, mesh=mesh, axis=axis)
+    prefix = llm.prefill(prompt_embeds, prompt_mask, layout=layout)
     b, g, t = responses.shape
     first = jnp.broadcast_to(prefix.logits[:, None, None], (b, g, 1, prefix.logits.shape[-1]))
     if t == 1:
         return first
-    hidden, _ = branch_forward(llm, prefix.k, prefix.v, prefix.valid, prefix.lengths,
-                               responses[:, :, :-1], mesh=mesh, axis=axis)
-    rest = llm.head(hidden.reshape(b, g * (t - 1), -1)).reshape(b, g, t - 1, -1)
-    return jnp.concatenate([first, rest], axis=2)
+    hidden, _ = llm.extend(prefix, responses[:, :, :-1], layout=layout)
+    return jnp.concatenate([first, llm.head(hidden)], axis=2)
 
 
 def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature: float = 1.0,
-                      mesh=None, axis="seq", with_entropy: bool = False):
+                      layout: Layout = UNSHARDED, with_entropy: bool = False):
     """log p(response token) [B, G, T] (float32) at the sampling temperature; optionally also
     the per-token entropy [B, G, T]."""
-    logits = response_logits(llm, prompt_embeds, prompt_mask, responses, mesh=mesh, axis=axis)
+    logits = response_logits(llm, prompt_embeds, prompt_mask, responses, layout=layout)
     logits = logits.astype(jnp.float32) / temperature
     lp = token_logprobs(logits, responses)
     if not with_entropy:
         return lp
     return lp, token_entropy(logits)
+
+
+def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,
+                   layout: Layout = UNSHARDED, with_entropy: bool = False):
+    """log p of responses [B, G, T] under the VLM `model`, from cached vision features and
+    right-padded prompt ids; the prompt runs once per group."""
+    x, mask = model.rollout_prompts(feats, ids, attn, layout.pad_multiple)
+    return response_logprobs(model.llm, x, mask, responses, temperature=temperature,
+                             layout=layout, with_entropy=with_entropy)
+
+
+def grpo_step_loss(model, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv, *,
+                   settings, layout: Layout = UNSHARDED):
+    """GRPO loss of a rollout batch under the policy `model`: responses [B, G, T], resp_mask /
+    old_lp / ref_lp [B*G, T], adv [B*G]; `settings` a `GRPOSettings`. Returns (loss, metrics
+    with the entropy)."""
+    b, g, t = responses.shape
+    lp, ent = group_logprobs(model, feats, ids, attn, responses, temperature=settings.temperature,
+                             layout=layout, with_entropy=True)
+    loss, metrics = grpo_loss(lp.reshape(b * g, t), old_lp, ref_lp, adv, resp_mask,
+                              clip_low=settings.clip_low, clip_high=settings.clip_high,
+                              beta=settings.beta, loss_agg=settings.loss_agg)
+    metrics["entropy"] = masked_mean(ent.reshape(b * g, t), resp_mask)
+    return loss, metrics

@@ -1,1 +1,2 @@
-"""Training: checkpointing (orbax) and, later, the SFT / GRPO trainer loop."""
+"""Training: state (`state`), the loop (`loop`), the SFT and GRPO stages (`sft`, `grpo`), orbax
+checkpoints (`checkpoint`), metrics, the config readers (`settings`) and the memory planner."""

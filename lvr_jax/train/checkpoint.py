@@ -30,23 +30,18 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from lvr_jax.weights.io import CheckpointError, replace_dir
+
 log = logging.getLogger(__name__)
 
 COMMIT_FILE = "commit_success.txt"
 ITEMS = ("params", "opt_state", "rng", "meta")
-
-
-class CheckpointError(ValueError):
-    """Nothing to restore, or a checkpoint that does not fit the given targets."""
 
 
 @dataclasses.dataclass
@@ -319,8 +314,6 @@ def save_params(directory: str | os.PathLike, params: Any, *, step: int = 0,
     + `meta`, the `Checkpointer` layout without opt_state / rng), atomically: it is built in a
     hidden sibling folder and renamed into place, so `directory` is either untouched or complete.
     An existing `directory` is an error unless `overwrite`. Single-process only."""
-    from lvr_jax.weights.io import replace_dir
-
     if jax.process_count() > 1:
         raise CheckpointError("save_params writes from a single process; run it with one process")
     directory = Path(directory).absolute()
@@ -345,39 +338,3 @@ def restore_params(directory: str | os.PathLike, params: Any, *, step: int | Non
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
         return ck.restore_params(params, step=step)
-
-
-def install_sigterm_save(fn: Callable[[], Any], *, exit_code: int = 0,
-                         signals: tuple[int, ...] = (signal.SIGTERM,)) -> Callable[[], None]:
-    """On SIGTERM call `fn()` (it should save and wait for the save), then exit with `exit_code`.
-
-    The handler runs in the main thread between Python bytecodes (so never inside a running jitted
-    call); a second signal during the save is ignored. If `fn` raises, the error is logged and the
-    process exits with 1. Exiting is `sys.exit` (SystemExit), so `finally` blocks and atexit hooks
-    still run. Must be called from the main thread. Returns a function restoring the old handlers.
-    """
-    busy = False
-
-    def handler(signum, frame):
-        nonlocal busy
-        if busy:
-            return
-        busy = True
-        code = exit_code
-        log.warning("received signal %d: saving a checkpoint before exiting", signum)
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - still exit, but report the failed save
-            log.exception("saving on signal %d failed", signum)
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.exit(code)
-
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-
-    def uninstall() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return uninstall

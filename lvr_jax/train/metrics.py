@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line per step and TensorBoard scalars (tensorboardX, no TF)."""
+"""Per-step metrics: one JSON line per step and TensorBoard scalars (tensorboardX, no TF); progress
+lines (`say`); reading the JSONL back as curves and a PNG (launch/plot_metrics.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+    """Print a progress line (process 0 only)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def to_python(metrics: dict) -> dict:
@@ -59,3 +66,56 @@ def read_metrics(path: str) -> list[dict]:
     """The rows of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading metrics.jsonl files back: curves, first/last-window means, a PNG (launch/plot_metrics.py)
+
+CURVES = ("loss", "reward_mean", "accuracy", "format_rate", "kl", "response_length")
+
+
+def read_runs(paths) -> dict[str, list[dict]]:
+    """{run name (the file's folder): rows} for the files that exist."""
+    return {os.path.basename(os.path.dirname(p)) or os.fspath(p): read_metrics(p)
+            for p in paths if os.path.exists(p)}
+
+
+def curve(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    """(step, value) of the rows that log `name` as a number."""
+    return [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+
+
+def first_last(rows: list[dict], window: int = 20) -> dict[str, tuple[float, float]]:
+    """{metric: (mean of its first `window` values, mean of its last `window`)} for CURVES."""
+    out = {}
+    for name in CURVES:
+        vals = [v for _, v in curve(rows, name)]
+        if vals:
+            out[name] = (sum(vals[:window]) / len(vals[:window]),
+                         sum(vals[-window:]) / len(vals[-window:]))
+    return out
+
+
+def plot(paths, out: str) -> str:
+    """One panel per metric present in any file; one line per file. Returns `out`; ValueError
+    when no file has any of CURVES."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = read_runs(paths)
+    names = [c for c in CURVES if any(c in r for rows in runs.values() for r in rows)]
+    if not names:
+        raise ValueError(f"no known metrics ({', '.join(CURVES)}) in {paths}")
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for run, rows in runs.items():
+            pts = curve(rows, name)
+            if pts:
+                ax.plot(*zip(*pts), label=run)
+        ax.set(title=name, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

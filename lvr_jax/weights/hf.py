@@ -18,18 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.projector import projector_dims
 from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from lvr_jax.models.vlm import VLM, VLMConfig
 from lvr_jax.weights.io import CheckpointError, TensorDir, read_json, replace_dir, write_tensors
+from lvr_jax.weights.tokens import MEDIA_TOKENS, VIDEO_TOKEN
 from sharding.mesh import logical_sharding
 from sharding.multihost import host_array
 
 log = logging.getLogger(__name__)
-
-VIDEO_TOKEN = "<vila/video>"
-MEDIA_TOKENS = ("<image>", VIDEO_TOKEN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,20 +206,23 @@ def _dtypes(dtype, param_dtype):
 
 
 def _load_plain(path, config_cls, module_cls, parts_fn, *, mesh, dtype, param_dtype, rules,
-                remat):
-    """A plain HF folder (config.json + safetensors) -> (module, config)."""
+                remat, **fields):
+    """A plain HF folder (config.json + safetensors) -> (module, config); `fields` are more
+    config fields (the LLM's attention options)."""
     path = Path(path)
     dt = _dtypes(dtype, param_dtype)
-    cfg = config_cls.from_hf(read_json(path / "config.json"), remat=remat, **dt)
+    cfg = config_cls.from_hf(read_json(path / "config.json"), remat=remat, **dt, **fields)
     model = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
     src, specs = parts_fn(path, cfg)
     return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
 
 
-def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
+def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
+             attention: AttentionOptions | None = None):
     """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config)."""
     return _load_plain(path, Qwen2Config, Qwen2, _llm_parts, mesh=mesh, dtype=dtype,
-                       param_dtype=param_dtype, rules=rules, remat=remat)
+                       param_dtype=param_dtype, rules=rules, remat=remat,
+                       attention=attention or AttentionOptions())
 
 
 def load_vision_tower(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None,
@@ -236,6 +238,30 @@ def _subfolder(path: Path, name: str) -> Path:
         raise FileNotFoundError(f"VILA checkpoint {path} has no '{name}/' sub-folder (expected "
                                 f"llm/, vision_tower/ and mm_projector/)")
     return sub
+
+
+def vila_folder_problem(path, *, tokenizer: bool = False) -> str | None:
+    """What keeps `path` from being a VILA-layout checkpoint folder (config.json, llm/,
+    vision_tower/, mm_projector/; with `tokenizer`, a tokenizer in llm/), as the end of a
+    sentence naming it (": no such folder", " has no ..."); None when nothing does."""
+    path = Path(path)
+    if not path.is_dir():
+        return ": no such folder"
+    if not (path / "config.json").is_file():
+        hint = ""
+        if (path / "checkpoints").is_dir() or any(p.name.isdigit() for p in path.iterdir()):
+            hint = (" It looks like orbax training checkpoints: convert them with "
+                    "`python launch/convert_checkpoint.py --to=hf --src=... --like=... --dst=...`.")
+        return (" has no config.json; expected a VILA-layout folder (config.json, llm/, "
+                f"vision_tower/, mm_projector/).{hint}")
+    for sub in ("llm", "vision_tower", "mm_projector"):
+        if not (path / sub).is_dir():
+            return (f" has no '{sub}/' sub-folder (expected llm/, vision_tower/ and "
+                    f"mm_projector/)")
+    if tokenizer and not any((path / "llm" / f).is_file()
+                             for f in ("tokenizer.json", "tokenizer_config.json")):
+        return f": no tokenizer in {path / 'llm'}"
+    return None
 
 
 def projector_type(path: Path) -> str:
@@ -275,11 +301,13 @@ def newline_id(tokenizer) -> int:
     return ids[0]
 
 
-def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False):
+def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
+             attention: AttentionOptions | None = None):
     """Load a VILA-layout checkpoint folder -> (VLM, tokenizer, VLMConfig).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (default float32). With a mesh,
     every param is placed by its logical axis names (rules: `sharding.mesh.DEFAULT_RULES`).
+    `attention`: the LLM's attention options (compiled-program knobs; default the defaults).
     """
     path = Path(path)
     top = read_json(path / "config.json")
@@ -289,7 +317,8 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     llm_dir, vis_dir, proj_dir = (_subfolder(path, n) for n in ("llm", "vision_tower",
                                                                  "mm_projector"))
     dt = _dtypes(dtype, param_dtype)
-    llm_cfg = Qwen2Config.from_hf(read_json(llm_dir / "config.json"), remat=remat, **dt)
+    llm_cfg = Qwen2Config.from_hf(read_json(llm_dir / "config.json"), remat=remat,
+                                  attention=attention or AttentionOptions(), **dt)
     vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat, **dt)
     kind = projector_type(path)
     has_tokenizer = any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

@@ -18,7 +18,8 @@ TORCH_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder or tensor that cannot be loaded; the message names file and key."""
+    """A checkpoint (HF folder, tensor, or orbax step) that cannot be loaded or does not fit its
+    target; the message names the file, key or step."""
 
 
 def read_json(path: Path) -> dict:

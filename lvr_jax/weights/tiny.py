@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 from lvr_jax.models.vlm import VLMConfig, init_vlm, vlm_config_from
-from lvr_jax.weights.hf import VIDEO_TOKEN, load_tokenizer, newline_id, save_hf
+from lvr_jax.weights.hf import load_tokenizer, newline_id, save_hf
+from lvr_jax.weights.tokens import VIDEO_TOKEN
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_CHAT_TEMPLATE = (

@@ -1,0 +1,84 @@
+"""Building blocks shared by the towers: annotated params, norms, RoPE and the layer scan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], *,
+          init: str = "normal", std: float = 0.02, dtype=jnp.float32) -> nnx.Param:
+    """A Param annotated with logical axis names (`out_sharding`); init normal / zeros / ones.
+
+    Eager sharding is off: placement on a mesh is done by `sharding.mesh` from these names, so a
+    dim that a mesh axis does not divide is replicated instead of failing.
+    """
+    shape = tuple(int(s) for s in shape)
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def values(module: nnx.Module, names: Sequence[str]) -> dict[str, jax.Array]:
+    """The raw arrays of the named Params of `module`."""
+    return {n: getattr(module, n).get_value() for n in names}
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [..., head_dim] for split-half RoPE at integer `positions`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, L, heads, D] by split-half RoPE; cos/sin are [B, L, D]."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def scan_layers(layer_fn, stacked, x, *, remat: bool | str = False, num_layers=None):
+    """Run `layer_fn(params_i, x) -> (x, y)` over stacked params with one compiled body.
+
+    `stacked`: a pytree whose leaves all have the layers as their leading axis (the params, and
+    any per-layer inputs such as a K/V cache). `remat`: False, True (save nothing) or 'dots' (save
+    matmul outputs without batch dims). `num_layers` runs only the first layers (e.g. SigLIP
+    features from hidden_states[-2]).
+    """
+    if num_layers is not None:
+        stacked = jax.tree.map(lambda a: a[:num_layers], stacked)
+    fn = layer_fn
+    if remat:
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
+                  else jax.checkpoint_policies.nothing_saveable)
+        fn = jax.checkpoint(layer_fn, policy=policy)
+    return jax.lax.scan(lambda carry, p: fn(p, carry), x, stacked)

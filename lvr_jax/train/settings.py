@@ -1,0 +1,66 @@
+"""The one place a config (configs/*.py, `ml_collections`) becomes the library's objects: layout,
+model loading, data pipeline settings, sampling and GRPO settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from lvr_jax.data.dataset import DataConfig
+from lvr_jax.models.vlm import attention_options
+from lvr_jax.rl.grpo import GRPOSettings
+from lvr_jax.rollout.sampler import SamplingParams
+from lvr_jax.weights import hf
+from sharding.mesh import Layout, make_mesh, rules_from_strings
+
+
+def from_fields(cls, section, **overrides):
+    """`cls` (a dataclass) from the entries of a config section that name its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(section).items() if k in names}, **overrides)
+
+
+def sharding_rules(config) -> dict | None:
+    """The logical-axis rules of a config (`config.sharding_rules`, DEFAULT_RULES when absent)."""
+    table = config.get("sharding_rules")
+    return rules_from_strings(table) if table else None
+
+
+def mesh_and_layout(config):
+    """(mesh, Layout) of a config's `mesh` and `sharding_rules` on this process's devices."""
+    mesh = make_mesh(dict(config.mesh))
+    return mesh, Layout.of(mesh, sharding_rules(config))
+
+
+def load_model(config, checkpoint, mesh, **kw):
+    """`hf.load_vlm` of a VILA folder with the config's dtypes, attention options and sharding
+    rules; returns (model, tokenizer, VLMConfig)."""
+    mc = config.model
+    return hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(mc.dtype),
+                       param_dtype=jnp.dtype(mc.param_dtype), rules=sharding_rules(config),
+                       attention=attention_options(mc.get("attention")), **kw)
+
+
+def data_files(config, split: str) -> str:
+    """`data.<split>_files`, default `<data.dir>/<split>.jsonl`."""
+    given = config.data.get(f"{split}_files", "")
+    return given or str(Path(config.data.dir) / f"{split}.jsonl")
+
+
+def data_config(config, **overrides) -> DataConfig:
+    """The pipeline settings (`data.pipeline`); the dataset root defaults to `data.dir`."""
+    fields = dict(config.data.pipeline)
+    fields["root"] = fields.get("root") or config.data.dir
+    return DataConfig(**{**fields, **overrides})
+
+
+def sampling_params(config) -> SamplingParams:
+    """The rollout's sampling: `rl` max_new_tokens, temperature, top_p, top_k; G = group_size."""
+    return from_fields(SamplingParams, config.rl, num_samples=int(config.rl.group_size))
+
+
+def grpo_settings(config) -> GRPOSettings:
+    """The GRPO loss settings of the `rl` section."""
+    return from_fields(GRPOSettings, config.rl)
