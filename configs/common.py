@@ -62,9 +62,11 @@ def check_stage(stage: str) -> str:
     return stage
 
 
-def base_config(model: ml_collections.ConfigDict, mesh: dict) -> ml_collections.ConfigDict:
+def base_config(model: ml_collections.ConfigDict, mesh: dict,
+                stage: str = "grpo") -> ml_collections.ConfigDict:
     """A full config: model, mesh, data, optim, train, rl, eval, profile (defaults of both stages;
     the config files override what differs)."""
+    stage = check_stage(stage)
     c = ml_collections.ConfigDict()
     c.model = model
     c.init_checkpoint = ""           # VILA-layout folder (HF export) the run starts from
@@ -79,19 +81,35 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict) -> ml_collections.
     c.data.train_files = ""          # default: <dir>/train.jsonl
     c.data.val_files = ""            # default: <dir>/val.jsonl
     # batch_size is the global batch (prompts per step over all processes)
+    # prompt_template: the user turn, "longrl" (Long-RL's QUESTION_TEMPLATE_VIDEO), "instruct" or
+    # a custom string holding "{question}" once (lvr_jax.data.prompts.resolve_template)
     c.data.pipeline = dict(root="", num_frames=16, fps=0.0, batch_size=8, seed=0, shuffle=True,
-                           on_error="skip", num_workers=0, max_length=512, system_prompt=None)
+                           on_error="skip", num_workers=0, max_length=512, system_prompt=None,
+                           prompt_template="longrl")
 
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=10, final_lr_fraction=0.1,
-                                             b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0,
-                                             grad_accum_steps=1))
+    # GRPO: prompts per rollout (0: batch_size); the rollout's P x G samples are split into
+    # rl.ppo_minibatches optimizer steps (P a multiple of it)
+    c.data.pipeline.rollout_batch_size = 0
+
+    # schedule: "cosine" (linear warmup, cosine decay to final_lr_fraction) or "constant" (linear
+    # warmup, then constant; Long-RL's: warmup 0)
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-5, schedule="cosine", warmup_steps=10,
+                                             final_lr_fraction=0.1, b1=0.9, b2=0.98,
+                                             weight_decay=0.0, grad_clip=1.0, grad_accum_steps=1))
+    # frozen towers get no gradients; Long-RL freezes the vision tower and the projector in RL
     c.train = ml_collections.ConfigDict(dict(steps=1000, seed=0, log_every=10,
                                              checkpoint_every=100, keep_checkpoints=2,
-                                             max_nonfinite=5, freeze_vision=True))
+                                             max_nonfinite=5, freeze_vision=True,
+                                             freeze_projector=stage == "grpo"))
+    # reward_style: "longrl" (Long-RL's r1v rule: format regex full match, first <answer> span
+    # graded by mathruler) or "lenient" (lvr_jax.rl.rewards). ppo_minibatches: optimizer steps per
+    # rollout (old log-probs recomputed by the policy when > 1); dual_clip: c of dual-clip PPO for
+    # negative advantages (Long-RL's clip_ratio_dual 3.0; 0 = off)
     c.rl = ml_collections.ConfigDict(dict(
         group_size=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, clip_low=0.2,
-        clip_high=0.28, beta=0.01, loss_agg="token-mean", filter_groups=False,
-        recompute_old_logprobs=False, accuracy_weight=0.9, format_weight=0.1))
+        clip_high=0.28, dual_clip=3.0, beta=0.01, loss_agg="token-mean", filter_groups=False,
+        recompute_old_logprobs=False, ppo_minibatches=1, reward_style="longrl",
+        accuracy_weight=0.9, format_weight=0.1))
     c.eval = ml_collections.ConfigDict(dict(max_new_tokens=512, batch_size=8, split="val"))
     c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
     return c
@@ -104,10 +122,10 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
     samples, lr 1e-6, sequence parallel over 8 devices (Long-RL's example script uses 256 frames
     and Ulysses 4); CoT-SFT at lr 1e-5. One prompt per step (its G samples share one prefill),
     gradients accumulated over several steps: launch/plan_memory.py puts one 7B GRPO step at
-    53.1 GiB per device at 512 frames and 79.8 GiB at 1024 (README). Set data.dir and
+    63.4 GiB per device at 512 frames and 75.6 GiB at 1024 (README). Set data.dir and
     init_checkpoint on the command line."""
     stage = check_stage(stage)
-    c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1))
+    c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1), stage)
     # ZeRO-3 over every device: params, grads and optimizer state sharded over fsdp AND the seq
     # devices (with fsdp=1 x seq=8, "embed": "fsdp" alone would replicate the fp32 params + Adam
     # state of the 7B, ~117 GiB per device with the reference; launch/plan_memory.py)
@@ -123,7 +141,13 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
         c.train.steps = 16000
         c.data.pipeline.max_length = 4096
     else:
-        c.optim.lr, c.optim.warmup_steps, c.optim.grad_accum_steps = 1e-6, 40, 4
+        # Long-RL (NVlabs/Long-RL examples/config.yaml, verl/workers/actor/config.py): AdamW lr
+        # 1e-6, betas (0.9, 0.999), weight decay 1e-2, constant LR without warmup, clip ratios
+        # 0.2 / 0.3 with dual clip 3.0, rollout top_p 0.99, responses up to 2048 tokens
+        # (max_response_length), k3 KL coefficient 1e-2; vision tower and projector frozen
+        c.optim.update(lr=1e-6, b2=0.999, weight_decay=1e-2, schedule="constant", warmup_steps=0,
+                       grad_accum_steps=4)
         c.train.steps = 2000
-        c.rl.group_size, c.rl.max_new_tokens, c.rl.beta = 8, 1024, 0.01
+        c.rl.update(group_size=8, max_new_tokens=2048, top_p=0.99, clip_high=0.3, beta=0.01)
+        c.eval.max_new_tokens = 2048
     return c

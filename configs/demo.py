@@ -15,7 +15,7 @@ def get_config(stage: str = "grpo") -> ml_collections.ConfigDict:
     stage = common.check_stage(stage)
     model = common.model_config(common.tiny_llm(), common.tiny_vision())
     model.llm.vocab_size = 1024
-    c = common.base_config(model, dict(data=1, fsdp=2, seq=4, tensor=1))
+    c = common.base_config(model, dict(data=1, fsdp=2, seq=4, tensor=1), stage)
     c.data.dir = "runs/demo/data"    # synthetic set (launch/make_synthetic.py)
     c.data.pipeline.update(num_frames=8, batch_size=4, max_length=320)
     c.optim.update(lr=3e-4, warmup_steps=5)

@@ -82,6 +82,7 @@ def main(_):
     sft_cfg.train.steps = _SFT_STEPS.value
     sft_cfg.optim.lr = _SFT_LR.value
     sft_cfg.profile.num_steps = 0
+    sft_cfg.train.freeze_projector = False     # the GRPO config freezes it (Long-RL's RL recipe)
     stage(f"CoT-SFT, {sft_cfg.train.steps} steps")
     sft_ckpt, before = demo.train_stage(train_sft, sft_cfg, work, "sft")
 

@@ -1,5 +1,6 @@
 """Prompts, record validation, the grain pipeline (determinism, shards, resume, bad input)."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -9,7 +10,7 @@ import pytest
 
 from lvr_jax.data import prompts, synthetic
 from lvr_jax.data.dataset import DataConfig, default_shard, make_iter_dataset, num_batches
-from lvr_jax.data.records import Record, RecordError, SkipLog, load_records, parse_record, resolve_video
+from lvr_jax.data.records import RecordError, SkipLog, load_records, parse_record, resolve_video
 from lvr_jax.data.video import Preprocessor
 
 IMAGE_SIZE = 28
@@ -47,9 +48,7 @@ def pre():
 
 
 def _cfg(root, **kw):
-    base = dict(root=str(root), num_frames=4, batch_size=2, seed=_seed())
-    base.update(kw)
-    return DataConfig(**base)
+    return DataConfig(**{**dict(root=str(root), num_frames=4, batch_size=2, seed=_seed()), **kw})
 
 
 def _run(records, cfg, tok, pre, **shard):
@@ -73,20 +72,57 @@ def _same_batches(a, b):
 # Prompts
 
 
-def test_rl_prompt(tokenizer):
-    rng = np.random.default_rng(_seed())
-    opts = [f"option {w}" for w in rng.choice(["red", "blue", "cube", "ball", "left"], 4, replace=False)]
-    q = prompts.format_question("Which happened first?", opts)
-    ids = prompts.rl_prompt_ids(tokenizer, q)
-    text = tokenizer.decode(ids)
-    vid = tokenizer.convert_tokens_to_ids(prompts.VIDEO_TOKEN)
-    assert ids.dtype == np.int32 and int((ids == vid).sum()) == 1
-    assert text.startswith("<|im_start|>user\n<vila/video>\nWhich happened first?\nA. " + opts[0])
-    assert text.index(prompts.VIDEO_TOKEN) < text.index("Which happened first?")
-    assert "<think>" in text and "<answer>" in text        # the reasoning instruction
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+# Long-RL's user turn (NVlabs/Long-RL verl/utils/dataset.py QUESTION_TEMPLATE_VIDEO filled with PROBLEM,
+# "<vila/video>" in front, nothing between, stripped), written out by hand on purpose (not built from
+# prompts.LONGRL_VIDEO_TEMPLATE); "you solves" and " Question:" are Long-RL's.
+PROBLEM = "What does the man do right after he opens the fridge?\nA. He closes it\nB. He sits down"
+LONGRL_TURN = (
+    "<vila/video>You are a helpful assistant. The user asks a question, and then you solves it.\n\n"
+    "Please first think deeply about the question based on the given video, and then provide the "
+    "final answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> "
+    "the letter of your choice (A, B, C, or D) </answer>.\n\n Question: What does the man do right "
+    "after he opens the fridge?\nA. He closes it\nB. He sits down")
+LONGRL_HEAD = LONGRL_TURN.removesuffix(PROBLEM)
+INSTRUCT_TURN = (   # the package's earlier user turn, byte for byte
+    "<vila/video>\nWhat does the man do right after he opens the fridge?\nA. He closes it\nB. He "
+    "sits down\nThink about the question step by step, using everything that happens in the video, "
+    "and write your reasoning between <think> and </think>. Then give only the letter of the "
+    "correct option between <answer> and </answer>, for example <answer> B </answer>.")
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("template,problem,turn", [
+    (None, PROBLEM, LONGRL_TURN), ("longrl", PROBLEM, LONGRL_TURN),
+    (None, " " + PROBLEM + "\n\n", LONGRL_HEAD + " " + PROBLEM),    # the raw problem; turn stripped
+    ("instruct", PROBLEM, INSTRUCT_TURN), ("instruct", " " + PROBLEM + "\n", INSTRUCT_TURN),
+    ("Q: {question} {{x}}  ", "Which? \n", "<vila/video>Q: Which? \n {x}"),
+])
+def test_user_turn(tokenizer, records, data_root, pre, template, problem, turn):
+    """A record's user turn, alone, in the chat-templated ids and in the pipeline's examples."""
+    from lvr_jax.data.dataset import ExampleBuilder
+    rec = parse_record(_reason_obj(problem=problem, answer="B", videos=records[0].video), "f:1")
+    assert rec.question == problem                                   # kept as stored
+    assert prompts.user_message(rec.question, template=template) == turn
+    assert prompts.user_message(rec.question, template=template, with_video=False) == turn[12:].lstrip("\n")
+    ids = prompts.rl_prompt_ids(tokenizer, rec.question, template=template)
+    assert tokenizer.decode(ids) == CHAT.format(turn) and ids.dtype == np.int32
     with pytest.raises(ValueError, match="already contains"):
-        prompts.rl_prompt_ids(tokenizer, "look <vila/video> here")
+        prompts.rl_prompt_ids(tokenizer, "look <vila/video> here", template=template)
+    for mode in ("rl", "sft"):
+        cfg = _cfg(data_root, mode=mode, prompt_template=template or "longrl")
+        np.testing.assert_array_equal(ExampleBuilder(cfg, tokenizer, pre)(rec)["input_ids"][:len(ids)], ids)
+
+
+def test_bad_template_refused():
+    assert DataConfig().prompt_template == "longrl"
+    for bad, msg in [("long-rl", "unknown"), ("Be brief.", "unknown"), ("{}", "fields"), ("{0}", "fields"),
+                     ("Q: {q}", "fields"), ("{question} {question}", "fields"), ("{question} {x}", "fields"),
+                     ("{question!r}", "conversion"), ("{question:9}", "conversion"), ("{question}}", "valid"),
+                     ("Q: {question", "valid"), ("<vila/video>{question}", "holds")]:
+        for use in (prompts.resolve_template, lambda t: DataConfig(prompt_template=t)):
+            with pytest.raises(ValueError, match=re.escape(msg)):
+                use(bad)
 
 
 def test_sft_mask_covers_exactly_the_reply(tokenizer):
@@ -140,17 +176,14 @@ def test_expand_like_video_mask(tokenizer):
                 full_ids[i], np.concatenate([ids[i, :p], np.full(n, -fill, ids.dtype), ids[i, p + 1:]]))
 
 
-@pytest.mark.parametrize("text,letter", [("<answer>B</answer>", "B"), ("<answer> c </answer>", "C"),
-                                         ("D", "D"), ("(A)", "A"), ("B.", "B"),
-                                         ("<think> x </think> <answer> A </answer>", "A")])
-def test_answer_letter(text, letter):
-    assert prompts.answer_letter(text) == letter
-
-
-def test_answer_letter_rejects():
-    for bad in ["", "maybe", "<answer></answer>", "AB"]:
+def test_answer_letter():
+    for text, letter in [("<answer>B</answer>", "B"), ("<answer> c </answer>", "C"), ("D", "D"), ("(A)", "A"),
+                         ("B.", "B"), ("<think> x </think> <answer> A </answer>", "A")]:
+        assert prompts.answer_letter(text) == letter
+    for bad in ["", "maybe", "<answer></answer>", "AB", "<answer>3</answer>"]:
         with pytest.raises(ValueError):
             prompts.answer_letter(bad)
+    assert prompts.answer_text("<answer> 3 </answer><answer>4</answer>") == "3" == prompts.answer_text(" 3 ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +199,12 @@ def _reason_obj(pid="p1", **kw):
 
 def test_parse_both_forms():
     r = parse_record(_reason_obj(), "f.jsonl:3")
-    assert (r.problem_id, r.video, r.answer, r.category, r.source) == ("p1", "v/a.mp4", "C",
-                                                                       "temporal", "f.jsonl:3")
-    b = parse_record({"question": "Which?", "options": ["red", "blue", "green"], "answer": "B",
+    assert (r.problem_id, r.video, r.answer, r.letter, r.category, r.source) == (
+        "p1", "v/a.mp4", "<answer>C</answer>", "C", "temporal", "f.jsonl:3")
+    assert not r.open_ended and r.reply_answer == "C"
+    b = parse_record({"question": "Which?", "options": ["red", "blue", "green"], "answer": 1,
                       "category": "spatial", "video": "x.mp4", "id": 7}, "g.jsonl:1")
-    assert b.question == "Which?\nA. red\nB. blue\nC. green" and b.answer == "B"
+    assert b.question == "Which?\nA. red\nB. blue\nC. green" and b.answer == b.letter == "B"
     assert (b.problem_id, b.category) == ("7", "spatial")
 
 
@@ -185,20 +219,21 @@ def test_missing_field_names_the_record(tmp_path, field):
         load_records(path)
     if field != "problem_id":
         assert "bad-one" in str(e.value)
-    skips = SkipLog()
-    recs = load_records(path, on_error="skip", skips=skips)
+    recs = load_records(path, on_error="skip", skips=(skips := SkipLog()))
     assert [r.problem_id for r in recs] == ["p0", "p1", "p2"] and skips.count == 1
     assert "d.jsonl:3" in skips.recent[0]
 
 
 @pytest.mark.parametrize("line,msg", [
-    ("{not json", "invalid JSON"),
+    ("{not json", "invalid JSON"), (json.dumps([1, 2]), "JSON object"),
     (json.dumps(_reason_obj(answer="<answer>F</answer>")), "not one of the options"),
-    (json.dumps(_reason_obj(answer="perhaps")), "option letter"),
+    (json.dumps(_reason_obj(answer="<answer> </answer>")), "is empty"),
+    (json.dumps(_reason_obj(answer=["B"])), "string or a number"),
+    (json.dumps(_reason_obj(answer=7, problem="Q?\nA. x\nB. y")), "index 7 out of range"),
+    (json.dumps(_reason_obj(answer="3", reasoning="<think> x </think> <answer> 4 </answer>")), "answers '4'"),
+    (json.dumps({"question": "Which?", "answer": "B", "video": "a.mp4"}), "lists no options"),
     (json.dumps(_reason_obj(reasoning="<think> x </think> <answer> A </answer>")), "answers 'A'"),
-    (json.dumps({"question": "Q", "options": ["only one"], "answer": "A", "video": "a.mp4"}),
-     "at least 2"),
-    (json.dumps([1, 2]), "JSON object"),
+    (json.dumps({"question": "Q", "options": ["only one"], "answer": "A", "video": "a.mp4"}), "at least 2"),
 ])
 def test_bad_records(tmp_path, line, msg):
     path = tmp_path / "bad.jsonl"
@@ -207,22 +242,87 @@ def test_bad_records(tmp_path, line, msg):
         load_records(path)
 
 
-def test_duplicate_ids_and_sft_needs_reasoning(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(_reason_obj("same")) + "\n" + json.dumps(_reason_obj("same")) + "\n")
-    with pytest.raises(RecordError, match="d.jsonl:2.*duplicate.*d.jsonl:1"):
-        load_records(path)
-    path.write_text(json.dumps(_reason_obj("x", reasoning="")) + "\n")
-    assert len(load_records(path)) == 1
-    with pytest.raises(RecordError, match="reasoning"):
+def test_duplicates_warn_and_stay_distinct(tmp_path, caplog):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n\n".join(json.dumps(_reason_obj("same", answer=x)) for x in "AC"))
+    b.write_text("\n".join(json.dumps(_reason_obj(i)) for i in ("same", f"same@{a}:3")))
+    with caplog.at_level(logging.WARNING, logger="lvr_jax.data.records"):
+        recs = load_records([a, b], on_error="raise")       # b:2 takes a renamed id: renamed too
+    assert [(r.problem_id, r.letter, r.index) for r in recs] == [
+        ("same", "A", 0), (f"same@{a}:3", "C", 1), (f"same@{b}:1", "C", 2), (f"same@{a}:3@{b}:2", "C", 3)]
+    for dup, first in [(f"'same' at {a}:3", f"{a}:1"), (f"'same' at {b}:1", f"{a}:1"),
+                       (f"'same@{a}:3' at {b}:2", f"{a}:3")]:
+        assert f"duplicate problem_id {dup} (first at {first})" in caplog.text
+
+
+def test_undecodable_line_is_one_bad_record(tmp_path):
+    path, lines = tmp_path / "d.jsonl", [json.dumps(_reason_obj(f"p{i}", reasoning="caf\u00e9"),
+                                                    ensure_ascii=False).encode() for i in range(4)]
+    lines[2] = lines[2].replace("\u00e9".encode(), b"\xe9")            # Latin-1: not UTF-8
+    path.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + lines[1] + b"\r\n" + lines[2] + b"\n\n" + lines[3])
+    recs = load_records(path, on_error="skip", skips=(skips := SkipLog()))   # a BOM, CRLF: fine
+    assert [(r.problem_id, r.reasoning, r.source.removeprefix(f"{path}:")) for r in recs] == [
+        ("p0", "caf\u00e9", "1"), ("p1", "caf\u00e9", "2"), ("p3", "caf\u00e9", "5")]
+    assert skips.count == 1 and f"{path}:3: not valid UTF-8 (byte 0xe9 at byte " in skips.recent[0]
+    with pytest.raises(RecordError, match=r"d.jsonl:3: not valid UTF-8 \(byte 0xe9 at byte \d+ of"):
+        load_records(path, on_error="raise")
+
+
+def test_open_ended_records(tmp_path, data_root, records, tokenizer, pre):
+    """Numbers, free text: letter "", answer as stored (in the batch too), SFT reply with its text."""
+    v = records[0].video
+    objs = [_reason_obj("n", problem="How many?\n", videos=v, answer="<answer>3</answer>", reasoning="3."),
+            _reason_obj("t", problem="Which colour?", videos=v, answer="dark red",
+                        reasoning="<think> It is. </think> <answer> Dark  red </answer>"),
+            {"question": "How far?", "answer": 2.5, "video": v, "id": "f", "reasoning": "Some."},
+            _reason_obj("mc", videos=v), _reason_obj("no-cot", videos=v, reasoning="")]
+    (path := tmp_path / "open.jsonl").write_text("\n".join(json.dumps(o) for o in objs) + "\n")
+    with pytest.raises(RecordError, match=r"open.jsonl:5 \(problem_id 'no-cot'\).*needed for SFT"):
         load_records(path, need_reasoning=True)
+    recs = load_records(path, need_reasoning=True, on_error="skip")
+    assert [(r.answer, r.letter, r.open_ended) for r in recs] == [
+        ("<answer>3</answer>", "", True), ("dark red", "", True), ("2.5", "", True),
+        ("<answer>C</answer>", "C", False)]
+    (b,), skipped = _run(recs, _cfg(data_root, mode="sft", batch_size=4, shuffle=False), tokenizer, pre)
+    assert skipped == 0 and b["answer"].tolist() == [r.answer for r in recs]
+    assert [tokenizer.decode(ids[m == 1]) for ids, m in zip(b["input_ids"], b["loss_mask"])] == [
+        f"<think> {t} </think> <answer> {a} </answer><|im_end|>"
+        for t, a in [("3.", "3"), ("It is.", "Dark  red"), ("Some.", "2.5"), ("because", "C")]]
+
+
+def test_parquet_loads_like_jsonl(tmp_path, data_root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(rows, path):                  # every row's keys as columns; absent fields are null
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "timeline"]  # unused, nested
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)
+
+    rows = [json.loads(x) for x in (data_root / "train.jsonl").read_text().splitlines()]
+    rows += [{"question": "Which?", "options": ["a", "b"], "answer": "(b)", "video": "x.mp4", "id": "mc"},
+             {"problem_id": "open", "videos": "x.mp4", "problem": " How many?\n", "answer": "3"}]
+    jsonl, parquet = tmp_path / "d.jsonl", tmp_path / "d.parquet"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(rows, parquet)
+    a, b = load_records(jsonl), load_records(parquet)
+    assert len(b) == len(rows) and b[-2].answer == "B" and b[-1].question == " How many?\n"
+    assert [dataclasses.replace(r, source=r.source.replace(str(jsonl), "F")) for r in a] == \
+        [dataclasses.replace(r, source=r.source.replace(str(parquet), "F")) for r in b]
+    rows[2]["answer"], rows[3]["videos"] = "<answer>F</answer>", "../escape.mp4"
+    write(rows[:4], parquet)                # errors name file:row (from 1, like lines)
+    with pytest.raises(RecordError, match=rf"d.parquet:3 \(problem_id '{rows[2]['problem_id']}'\).*option"):
+        load_records(parquet)
+    assert len(load_records(parquet, on_error="skip", skips=(skips := SkipLog()))) == 2
+    assert skips.count == 2 and f"{parquet}:4 " in skips.recent[1]
+    parquet.write_bytes(b"PAR1 not really")
+    with pytest.raises(RecordError, match="d.parquet: cannot read the parquet file"):
+        load_records(parquet, on_error="skip")
 
 
 @pytest.mark.parametrize("rel", ["/etc/passwd", "../outside.mp4", "a/../../b.mp4", "C:\\x.mp4",
                                  "~/x.mp4", ""])
 def test_paths_escaping_the_root_are_rejected(tmp_path, rel):
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(_reason_obj("esc", videos=rel)) + "\n")
+    (path := tmp_path / "d.jsonl").write_text(json.dumps(_reason_obj("esc", videos=rel)) + "\n")
     with pytest.raises(RecordError, match=r"d.jsonl:1 \(problem_id 'esc'\)"):
         load_records(path)
 
@@ -325,11 +425,9 @@ def _break_some(tmp_path, data_root, records):
     synthetic.write_video(bad_dir / "short.mp4", np.full((4, 32, 32, 3), 99, np.uint8))
     kinds = {"missing": "bad/none.mp4", "empty": "bad/empty.mp4", "garbage": "bad/garbage.mp4",
              "codec": "bad/codec.mp4", "short": "bad/short.mp4"}
-    out = list(records)
-    for j, (kind, rel) in enumerate(kinds.items()):
-        src = records[j]
-        out.append(Record(f"bad-{kind}", rel, src.question, src.answer, src.category, src.reasoning,
-                          f"{tmp_path}/bad.jsonl:{j + 1}"))
+    out = list(records) + [dataclasses.replace(records[j], problem_id=f"bad-{kind}", video=rel,
+                                               source=f"{tmp_path}/bad.jsonl:{j + 1}")
+                           for j, (kind, rel) in enumerate(kinds.items())]
     return out, {f"bad-{k}": k for k in kinds}
 
 

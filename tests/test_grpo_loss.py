@@ -25,23 +25,26 @@ def np_weights(mask, agg):
     return mask / np.maximum(n, 1.0) / n_seq
 
 
-def np_grpo(logp, old, ref, adv, mask, agg, cl=CLIP_LOW, ch=CLIP_HIGH, beta=BETA):
-    """Loss, analytic d loss / d logp, and the clipped-token masks (low, high), all float64."""
+def np_grpo(logp, old, ref, adv, mask, agg, cl=CLIP_LOW, ch=CLIP_HIGH, beta=BETA, dual=None):
+    """Loss, analytic d loss / d logp, and the clipped-token masks (low, high, dual), all float64;
+    `dual`: the c of dual-clip PPO (losses of A < 0 capped at -A * c), None = off."""
     logp, old, ref, adv = (np.asarray(x, np.float64) for x in (logp, old, ref, adv))
     a = adv[:, None]
     ratio = np.exp(logp - old)
     pg1, pg2 = -a * ratio, -a * np.clip(ratio, 1 - cl, 1 + ch)
     clipped = pg2 > pg1
     pg = np.where(clipped, pg2, pg1)
+    capped = (a < 0) & (pg > -a * dual) if dual is not None else np.zeros_like(clipped)
+    pg = np.where(capped, -a * (dual or 0.0), pg)
     d = ref - logp
     kl = np.exp(d) - d - 1
     w = np_weights(mask, agg)
     loss = np.sum(w * (pg + beta * kl))
-    grad = w * (np.where(clipped, 0.0, -a * ratio) + beta * (1 - np.exp(d)))
+    grad = w * (np.where(clipped | capped, 0.0, -a * ratio) + beta * (1 - np.exp(d)))
     low = clipped & (a < 0) & (ratio < 1 - cl)
     high = clipped & (a > 0) & (ratio > 1 + ch)
     return loss, grad, dict(pg=np.sum(w * pg), kl=np.sum(w * kl), clipped=clipped, low=low, high=high,
-                            ratio=ratio)
+                            ratio=ratio, capped=capped)
 
 
 def random_inputs(seed, b=8, t=48):
@@ -82,6 +85,40 @@ def test_grpo_loss_and_grad_match_numpy(agg):
             np.testing.assert_allclose(float(metrics[key]), m[valid].mean(), rtol=1e-6)
         np.testing.assert_allclose(float(metrics["ratio_mean"]), ex["ratio"][valid].mean(), rtol=1e-5)
         assert float(metrics["num_tokens"]) == mask.sum()
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_dual_clip_caps_negative_advantage_losses_as_numpy(agg):
+    """Dual-clip PPO (c = 3): tokens with A < 0 and a ratio far above 1 + clip_high lose at most
+    -A * c, with zero gradient; everything else as the plain clipped loss."""
+    fn = jax.jit(jax.value_and_grad(
+        functools.partial(grpo_loss, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, beta=BETA, loss_agg=agg,
+                          dual_clip=3.0), has_aux=True))
+    logp, old, ref, adv, mask = random_inputs(7)
+    logp = (old + 2.5 * (logp - old)).astype(np.float32)          # ratios up to e^3 and more
+    ref = (logp + (ref - old)).astype(np.float32)                  # KL within its clamp (10)
+    (loss, metrics), grad = fn(logp, old, ref, adv, mask)
+    want, want_grad, ex = np_grpo(logp, old, ref, adv, mask, agg, dual=3.0)
+    valid = mask > 0
+    assert ex["capped"][valid].sum() >= 5 and (~ex["capped"][valid]).sum() >= 50
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())
+    np.testing.assert_allclose(float(metrics["dual_clip_frac"]), ex["capped"][valid].mean(), rtol=1e-6)
+    plain = float(grpo_loss(logp, old, ref, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
+                            beta=BETA, loss_agg=agg)[0])
+    assert plain > float(loss)                                   # the cap lowers the loss
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        grpo_loss(logp, old, ref, adv, mask, dual_clip=1.0)
+
+
+def test_on_policy_ratio_is_exactly_one():
+    """old_logprobs=None: old = the log-probs themselves, ratio exactly 1, gradient = -A w."""
+    logp, _, ref, adv, mask = random_inputs(3)
+    (loss, metrics), grad = jax.value_and_grad(
+        functools.partial(grpo_loss, beta=0.0), has_aux=True)(logp, None, ref, adv, mask)
+    assert float(metrics["ratio_mean"]) == 1.0 and float(metrics["clip_frac"]) == 0.0
+    want = -adv[:, None] * np_weights(mask, "token-mean")
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-9)
 
 
 def test_numpy_gradient_is_right():

@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import demo
+from lvr_jax.data.prompts import template_corpus
 from lvr_jax.data.prompts import rl_prompt_ids
 from lvr_jax.data.video import Preprocessor, read_frames
 from lvr_jax.eval import generate
@@ -55,7 +56,7 @@ def tiny(tmp_path_factory):
     jsonl = generate_split(root / "data", "val", 2, num_frames=16, size=28)
     recs = [json.loads(x) for x in open(jsonl)]
     make_random_checkpoint(demo.get_config().model, root / "init",
-                           corpus=[r["reasoning"] for r in recs])
+                           corpus=[r["reasoning"] for r in recs] + template_corpus())
     model, tok, _ = hf.load_vlm(root / "init")
     hf.save_hf(_add_noise(model, 5), root / "ckpt", tokenizer=tok)
     hf.save_hf(_add_noise(model, 6), root / "other", tokenizer=tok)
@@ -93,7 +94,8 @@ def test_greedy_answer_equals_full_forward_argmax(tiny, gen):
     model, tok, _ = hf.load_vlm(tiny["ckpt"])
     pixels = Preprocessor.from_pretrained(tiny["ckpt"] / "vision_tower")(
         read_frames(tiny["video"], NUM_FRAMES))
-    ids = rl_prompt_ids(tok, rec["problem"].strip())
+    ids = rl_prompt_ids(tok, rec["problem"],
+                        template=demo.get_config().data.pipeline.prompt_template)
     assert out["prompt_tokens"] == len(ids)
     assert out["sequence_length"] == len(ids) - 1 + NUM_FRAMES * model.cfg.tokens_per_frame
 

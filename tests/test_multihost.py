@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from lvr_jax.data.prompts import template_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -33,6 +34,7 @@ def sft_model(tmp_path_factory):
         for r in rows:
             f.write(json.dumps({**r, "reasoning": "i watched it"}) + "\n")
     corpus = [r["problem"] for r in rows] + ["<think> i watched it </think> <answer> A </answer>"]
+    corpus += template_corpus()
     make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
     run([sys.executable, str(LAUNCH / "train_sft.py"), "--config=" + str(ROOT / "configs/demo.py:sft"),
          f"--workdir={root / 'sft'}", f"--export={root / 'sft_model'}", "--config.train.steps=120",

@@ -75,7 +75,7 @@ def test_records_load_in_both_forms(dataset):
         assert (out / rec.video).is_file()
         assert rec.category in synthetic.CATEGORIES
         m = re.fullmatch(r"<think> (.+) </think> <answer> ([A-D]) </answer>", rec.reasoning, re.S)
-        assert m and m.group(2) == rec.answer and f"option {rec.answer}" in m.group(1)
+        assert m and m.group(2) == rec.letter and f"option {rec.letter}" in m.group(1)
         assert len(re.findall(r"^[A-D]\. ", rec.question, re.M)) == 4
 
 
@@ -83,7 +83,7 @@ def test_answers_and_question_types_balanced(dataset):
     _, paths = dataset
     for split, path in paths.items():
         recs = load_records(path)
-        for counts, k in [(collections.Counter(r.answer for r in recs), 4),
+        for counts, k in [(collections.Counter(r.letter for r in recs), 4),
                           (collections.Counter(json.loads(line)["qtype"]
                                                for line in path.read_text().splitlines()), 5)]:
             assert len(counts) == min(k, len(recs)), (split, counts)

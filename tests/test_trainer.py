@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from configs import demo
+from lvr_jax.data.prompts import template_corpus
 from lvr_jax.train import state as train_state
 from lvr_jax.train.loop import StopRequest
 
@@ -33,6 +34,7 @@ def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     generate_dataset(root / "data", num_train=12, num_val=0, num_test=0, num_frames=16, size=28)
     corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
+    corpus += template_corpus()
     make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
     return root
 

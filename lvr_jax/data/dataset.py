@@ -50,6 +50,7 @@ class DataConfig:
     decode_threads: int = 1          # decord threads per video
     max_length: int | None = None    # pad token ids to this length; longer prompts are bad records
     system_prompt: str | None = None
+    prompt_template: str = prompts.DEFAULT_TEMPLATE  # user turn: "longrl", "instruct" or "..{question}.."
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -57,6 +58,7 @@ class DataConfig:
         check_on_error(self.on_error)
         if self.batch_size < 1 or self.num_frames < 1:
             raise ValueError("batch_size and num_frames must be >= 1")
+        prompts.resolve_template(self.prompt_template)      # ValueError saying what is wrong
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,8 @@ class ExampleBuilder:
     """Record -> example dict: decoded + preprocessed frames and token ids (runs in workers).
 
     Keys: frames float32 [T, S, S, 3], frame_indices int32 [T], input_ids int32 [L],
-    loss_mask int32 [L] (sft), index int64, problem_id, answer (letter), category (str).
+    loss_mask int32 [L] (sft), index int64, problem_id, answer (the record's answer as the reward
+    grades it: "<answer>B</answer>", "B", "3", free text), category (str).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, preprocessor: Preprocessor):
@@ -92,11 +95,14 @@ class ExampleBuilder:
             if cfg.mode == "sft":
                 if not rec.reasoning.strip():
                     raise ValueError("no 'reasoning' for SFT")
-                reply = prompts.reasoning_response(rec.reasoning, rec.answer)
+                reply = prompts.reasoning_response(rec.reasoning, rec.reply_answer,
+                                                   open_ended=rec.open_ended)
                 ids, mask = prompts.sft_ids_and_mask(self.tokenizer, rec.question, reply,
-                                                     system=cfg.system_prompt)
+                                                     system=cfg.system_prompt,
+                                                     template=cfg.prompt_template)
             else:
-                ids = prompts.rl_prompt_ids(self.tokenizer, rec.question, system=cfg.system_prompt)
+                ids = prompts.rl_prompt_ids(self.tokenizer, rec.question, system=cfg.system_prompt,
+                                            template=cfg.prompt_template)
                 mask = None
         except ValueError as e:
             raise RecordError(rec.source, rec.problem_id, str(e)) from e

@@ -1,15 +1,30 @@
-"""JSONL video QA records: reading, validation, and the video path checks.
+"""Video QA records (JSONL or parquet): reading, validation, and the video path checks.
 
-Two record forms are read (one JSON object per line) and normalised into `Record`:
+Two record forms are read (one JSON object per line, or one parquet row, same fields) and
+normalised into `Record`:
 
 * LongVideo-Reason: `{"problem_id", "videos": "rel/path.mp4", "problem": "question with options",
-  "problem_type": category, "reasoning": "...", "answer": "<answer>B</answer>"}`;
-* multiple-choice benchmark: `{"question", "options": [...], "answer": "B", "category", "videos"
-  or "video", optional "problem_id" / "id", optional "reasoning"}`.
+  "problem_type": category, "reasoning": "...", "answer": "<answer>B</answer>"}`; `problem` is
+  kept exactly as stored (Long-RL feeds it to its template unstripped);
+* benchmark: `{"question", "options": [...], "answer": "B" or an index, "category", "videos" or
+  "video", optional "problem_id" / "id", optional "reasoning"}`; without `options` the question
+  is open-ended.
 
-Errors name the record as `file:line (problem_id ...)`. `videos` is a path relative to the
-dataset root; absolute paths, `..` components and symlinks that leave the root are rejected.
-`on_error="skip"` counts and logs bad records in a `SkipLog` instead of raising.
+Answers: `Record.answer` is the answer as the reward grades it: as stored for the
+LongVideo-Reason form ("<answer>B</answer>", "<answer>3</answer>", "a red ball"), the option letter
+for the benchmark form when it gives a letter or an index, the text as given otherwise.
+`Record.letter` is the option letter, or "" for an open-ended answer (a number, free text: anything
+`prompts.answer_letter` cannot read as a letter). A letter must be one of the listed options
+when the question lists them (option lines "A. ...", or `options`); a benchmark question without
+options (in `options` or as lines of the question) takes open-ended answers only.
+
+Errors name the record as `file:line (problem_id ...)` (parquet: `file:row`, rows counted from 1
+like lines). A line that is not UTF-8 is a bad record like any other; the rest of the file still
+loads. Duplicate problem_ids are kept as distinct records: each later one is renamed
+`<id>@<file>:<line>` (with `#2`, `#3`, ... if even that is taken) and a warning names both places.
+`videos` is a path relative to the dataset root; absolute paths, `..` components and symlinks
+that leave the root are rejected. `on_error="skip"` counts and logs bad records in a `SkipLog`
+instead of raising.
 
 Kept free of grain and jax imports: records load anywhere (launch tools, data workers).
 """
@@ -22,7 +37,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -50,12 +65,22 @@ class Record:
     """One normalised example."""
     problem_id: str
     video: str          # path relative to the dataset root
-    question: str       # question text including its lettered options
-    answer: str         # option letter
+    question: str       # `problem` as stored, or the benchmark question + its lettered options
+    answer: str         # the answer as the reward grades it (see the module doc)
+    letter: str         # the option letter; "" for an open-ended answer
     category: str
     reasoning: str      # CoT text ("" when absent)
-    source: str         # "file.jsonl:line"
+    source: str         # "file.jsonl:line" ("file.parquet:row")
     index: int = -1     # position in the record list the pipeline was built from
+
+    @property
+    def open_ended(self) -> bool:
+        return not self.letter
+
+    @property
+    def reply_answer(self) -> str:
+        """What the SFT reply's `<answer>` holds: the letter, or the answer's text."""
+        return self.letter or prompts.answer_text(self.answer)
 
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s", re.M)
@@ -111,8 +136,40 @@ def resolve_video(root, rel: str, source: str = "?", problem_id: str | None = No
     return path
 
 
+def _answer(raw: Any, letters: list[str], source: str, pid: str | None, *,
+            benchmark: bool) -> tuple[str, str]:
+    """(answer as the reward grades it, option letter or "") of a record's raw `answer`."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise RecordError(source, pid, "missing field 'answer'")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise RecordError(source, pid, f"field 'answer' must be a string or a number, got "
+                                       f"{type(raw).__name__}")
+    if isinstance(raw, int) and letters:              # an option index
+        if not 0 <= raw < len(letters):
+            raise RecordError(source, pid, f"answer index {raw} out of range")
+        return letters[raw], letters[raw]
+    stored = raw if isinstance(raw, str) else str(raw)
+    try:
+        letter = prompts.answer_letter(stored)
+    except ValueError:
+        letter = ""
+    if not letter:                                    # open-ended: a number, free text
+        if not prompts.answer_text(stored):
+            raise RecordError(source, pid, f"answer {stored!r} is empty")
+        return stored, ""
+    if letters and letter not in letters:
+        raise RecordError(source, pid, f"answer {letter!r} is not one of the options {letters}")
+    if benchmark:
+        if not letters:
+            raise RecordError(source, pid, f"answer {stored!r} is an option letter but the "
+                                           f"question lists no options")
+        return letter, letter
+    return stored, letter
+
+
 def parse_record(obj: Any, source: str, *, need_reasoning: bool = False) -> Record:
-    """Validate one JSON object (either form) into a `Record`; RecordError names it."""
+    """Validate one JSON object / parquet row (either form) into a `Record`; RecordError names
+    it."""
     if not isinstance(obj, dict):
         raise RecordError(source, None, f"a record must be a JSON object, got {type(obj).__name__}")
     pid = _field(obj, ("problem_id", "question_id", "id", "uid"))
@@ -123,15 +180,17 @@ def parse_record(obj: Any, source: str, *, need_reasoning: bool = False) -> Reco
         question = obj.get("problem")
         if not isinstance(question, str) or not question.strip():
             raise RecordError(source, pid, "field 'problem' must be a non-empty string")
-        question = question.strip()
         category = obj.get("problem_type") or obj.get("category") or "unknown"
         letters = _option_letters(question)
-    elif "question" in obj:                    # multiple-choice benchmark form
+        benchmark = False
+    elif "question" in obj:                    # benchmark form (options: multiple choice)
         question = obj.get("question")
         options = obj.get("options")
         if not isinstance(question, str) or not question.strip():
             raise RecordError(source, pid, "field 'question' must be a non-empty string")
-        if not isinstance(options, list) or len(options) < 2:
+        if options is None or (isinstance(options, list) and not options):
+            options = []
+        elif not isinstance(options, list) or len(options) < 2:
             raise RecordError(source, pid, "field 'options' must be a list of at least 2 options")
         try:
             question = prompts.format_question(question, [str(o) for o in options])
@@ -139,36 +198,25 @@ def parse_record(obj: Any, source: str, *, need_reasoning: bool = False) -> Reco
             raise RecordError(source, pid, str(e)) from e
         pid = pid if pid is not None else source
         category = obj.get("category") or obj.get("problem_type") or "unknown"
-        letters = list(prompts.LETTERS[:len(options)])
+        letters = list(prompts.LETTERS[:len(options)]) if options else _option_letters(question)
+        benchmark = True
     else:
         raise RecordError(source, pid, "missing field 'problem' (or 'question' + 'options')")
     video = _video_field(obj, source, pid)
-    raw_answer = obj.get("answer")
-    if raw_answer is None or raw_answer == "":
-        raise RecordError(source, pid, "missing field 'answer'")
-    if isinstance(raw_answer, int) and not isinstance(raw_answer, bool) and letters:
-        if not 0 <= raw_answer < len(letters):
-            raise RecordError(source, pid, f"answer index {raw_answer} out of range")
-        letter = letters[raw_answer]
-    else:
-        try:
-            letter = prompts.answer_letter(str(raw_answer))
-        except ValueError as e:
-            raise RecordError(source, pid, str(e)) from e
-    if letters and letter not in letters:
-        raise RecordError(source, pid, f"answer {letter!r} is not one of the options {letters}")
+    answer, letter = _answer(obj.get("answer"), letters, source, pid, benchmark=benchmark)
     reasoning = obj.get("reasoning") or ""
     if not isinstance(reasoning, str):
         raise RecordError(source, pid, "field 'reasoning' must be a string")
     if need_reasoning and not reasoning.strip():
         raise RecordError(source, pid, "missing field 'reasoning' (needed for SFT)")
+    rec = Record(problem_id=pid, video=video, question=question, answer=answer, letter=letter,
+                 category=str(category), reasoning=reasoning, source=source)
     if reasoning.strip():
         try:
-            prompts.reasoning_response(reasoning, letter)
+            prompts.reasoning_response(reasoning, rec.reply_answer, open_ended=rec.open_ended)
         except ValueError as e:
             raise RecordError(source, pid, str(e)) from e
-    return Record(problem_id=pid, video=video, question=question, answer=letter,
-                  category=str(category), reasoning=reasoning, source=source)
+    return rec
 
 
 class SkipLog:
@@ -190,42 +238,85 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(source, JSON value or RecordError) per non-blank line. Bytes are decoded line by line, so a
+    line that is not UTF-8 (or not JSON) is one bad record and the rest of the file still reads.
+    Lines end at \n, \r\n or \r (as text mode reads them); a UTF-8 BOM is allowed."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        source = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            bad = e.object[e.start]
+            yield source, RecordError(source, None, f"not valid UTF-8 (byte 0x{bad:02x} at byte "
+                                                    f"{e.start + 1} of the line)")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield source, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield source, RecordError(source, None, f"invalid JSON ({e.msg})")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(source "file:row", row dict without its null fields) per row (rows counted from 1). A file
+    that cannot be read at all raises RecordError naming it, whatever on_error says."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise RecordError(str(path), None, f"cannot read the parquet file ({e})") from e
+    for i, row in enumerate(rows, 1):
+        yield f"{path}:{i}", {k: v for k, v in row.items() if v is not None}
+
+
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_error: str = "raise",
                  need_reasoning: bool = False, skips: SkipLog | None = None) -> list[Record]:
-    """Read and validate JSONL files (blank lines ignored). Bad lines raise `RecordError`
-    (`on_error="raise"`) or are counted in `skips` and logged (`on_error="skip"`). Duplicate
-    problem_ids are an error. Records get `index` = position in the returned list."""
+    """Read and validate JSONL files (blank lines ignored) and parquet files (`.parquet`, `.pq`:
+    the same fields as columns). Bad records (undecodable or invalid lines included) raise
+    `RecordError` (`on_error="raise"`) or are counted in `skips` and logged (`on_error="skip"`).
+    A duplicate problem_id is logged with both places and the later record kept as
+    `<id>@<file>:<line>`. Records get `index` = position in the returned list."""
     check_on_error(on_error)
     skips = skips if skips is not None else SkipLog()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Record] = []
     seen: dict[str, str] = {}
+    renamed = 0
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                source = f"{path}:{lineno}"
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise RecordError(source, None, f"invalid JSON ({e.msg})") from e
-                    rec = parse_record(obj, source, need_reasoning=need_reasoning)
-                    if rec.problem_id in seen:
-                        raise RecordError(source, rec.problem_id,
-                                          f"duplicate problem_id (first at {seen[rec.problem_id]})")
-                except RecordError as e:
-                    if on_error == "raise":
-                        raise
-                    skips.add(str(e))
-                    continue
-                seen[rec.problem_id] = source
-                out.append(dataclasses.replace(rec, index=len(out)))
+        rows = _parquet_rows(path) if path.suffix.lower() in PARQUET_SUFFIXES else _jsonl_rows(path)
+        for source, obj in rows:
+            try:
+                if isinstance(obj, RecordError):
+                    raise obj
+                rec = parse_record(obj, source, need_reasoning=need_reasoning)
+            except RecordError as e:
+                if on_error == "raise":
+                    raise
+                skips.add(str(e))
+                continue
+            if rec.problem_id in seen:
+                pid, k = f"{rec.problem_id}@{source}", 2
+                while pid in seen:
+                    pid, k = f"{rec.problem_id}@{source}#{k}", k + 1
+                log.warning("duplicate problem_id %r at %s (first at %s): kept as a distinct record "
+                            "with problem_id %r", rec.problem_id, source, seen[rec.problem_id], pid)
+                rec = dataclasses.replace(rec, problem_id=pid)
+                renamed += 1
+            seen[rec.problem_id] = source
+            out.append(dataclasses.replace(rec, index=len(out)))
+    if renamed:
+        log.warning("%d duplicate problem_ids renamed <id>@<file>:<line>", renamed)
     if skips.count:
         log.warning("loaded %d records, skipped %d", len(out), skips.count)
     return out

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from lvr_jax.data.prompts import template_corpus
 from lvr_jax.eval.video_qa import evaluate_checkpoint
 from lvr_jax.train.metrics import first_last, plot, read_runs
 from lvr_jax.train.state import export
@@ -69,7 +70,7 @@ def write_inputs(data_dir: Path, init: Path, want: DemoData, model_section) -> N
                          num_frames=want.frames, size=28, seed=0, qtypes=want.qtypes)
     lines = train_lines(data_dir)
     (data_dir / "sft.jsonl").write_text(want.sft_subset(lines), encoding="utf-8")
-    corpus = []
+    corpus = template_corpus()          # the prompt wording: a few tokens each, not one per byte
     for line in lines:
         rec = json.loads(line)
         corpus += [rec["problem"], rec["reasoning"]]

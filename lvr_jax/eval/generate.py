@@ -137,7 +137,8 @@ class Generator:
         text = question_text(question, options)
         try:
             ids = rl_prompt_ids(self.tokenizer, text,
-                                system=self.config.data.pipeline.get("system_prompt"))
+                                system=self.config.data.pipeline.get("system_prompt"),
+                                template=self.config.data.pipeline.get("prompt_template"))
         except ValueError as e:
             raise InputError(f"--question {question[:80]!r}: {e}") from e
         limit = (self.config.data.pipeline.get("max_length") if max_prompt_tokens is None

@@ -49,9 +49,51 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [..., head_dim] for split-half RoPE at integer `positions`."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+def rope_inv_freq(head_dim: int, theta: float, *, scaling: str | None = None, factor: float = 1.0,
+                  original_max: int | None = None, seq_len=None) -> jax.Array:
+    """RoPE inverse frequencies [head_dim // 2], float32, as transformers computes them.
+
+    `scaling` None / "default": theta^(-2i/d). "linear": divided by `factor` (= positions divided
+    by it). "dynamic" (NTK, transformers' `_compute_dynamic_ntk_parameters`): the base becomes
+    theta * (factor * s / m - (factor - 1)) ^ (d / (d - 2)) with m = `original_max` (the config's
+    max_position_embeddings) and s = max(`seq_len`, m); `seq_len` may be traced.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    if scaling in (None, "default"):
+        return 1.0 / (theta ** exponents)
+    if scaling == "linear":
+        return 1.0 / (theta ** exponents) / factor
+    if scaling == "dynamic":
+        if original_max is None or seq_len is None:
+            raise ValueError("dynamic RoPE scaling needs original_max and seq_len")
+        s = jnp.maximum(jnp.asarray(seq_len, jnp.float32), float(original_max))
+        base = theta * (factor * s / original_max - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents)
+    raise ValueError(f"RoPE scaling type {scaling!r} is not supported (supported: "
+                     f"{', '.join(ROPE_SCALING_TYPES)})")
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, *, scaling: str | None = None,
+                 factor: float = 1.0, original_max: int | None = None, seq_len=None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [..., head_dim] for split-half RoPE at integer `positions`.
+
+    `scaling` / `factor` / `original_max`: RoPE scaling (see `rope_inv_freq`). For "dynamic" the
+    sequence length is `seq_len`, by default max(positions) + 1 over the whole array, as
+    transformers takes it from the position ids of one forward: a traced value, so nothing
+    recompiles when it changes. A forward over whole sequences then matches transformers; as in
+    transformers' generate, a cache keeps the rotation its keys got (a prefix at the prompt's
+    length, each decode step at its own), so past `original_max` a cached prefix + extend is not
+    the full forward, and G branches scored in one `extend` differ from step-by-step decoding.
+    Pass one `seq_len` (e.g. the longest prompt + response) to every call to make them agree.
+    """
+    if scaling == "dynamic" and seq_len is None:
+        seq_len = jnp.max(positions) + 1
+    inv_freq = rope_inv_freq(head_dim, theta, scaling=scaling, factor=factor,
+                             original_max=original_max, seq_len=seq_len)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

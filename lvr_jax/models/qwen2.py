@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx, struct
 
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
+from lvr_jax.models.layers import ROPE_SCALING_TYPES
 from lvr_jax.models.layers import apply_rope, param, rms_norm, rope_cos_sin, scan_layers, values
 from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
@@ -37,6 +38,10 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
+    # RoPE scaling (transformers' rope_scaling / rope_parameters): None, "linear" (positions / factor)
+    # or "dynamic" (NTK past max_position_embeddings); see `layers.rope_inv_freq`
+    rope_scaling_type: str | None = None
+    rope_scaling_factor: float = 1.0
     dtype: Any = jnp.float32        # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool | str = False
@@ -48,13 +53,34 @@ class Qwen2Config:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
+        if self.rope_scaling_type == "default":
+            object.__setattr__(self, "rope_scaling_type", None)
+        if self.rope_scaling_type not in (None, *ROPE_SCALING_TYPES):
+            raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r} is not supported "
+                             f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
 
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> Qwen2Config:
-        """From a transformers Qwen2 config dict (4.x `rope_theta` or 5.x `rope_parameters`)."""
+        """From a transformers Qwen2 config dict (4.x `rope_theta` + `rope_scaling`, or 5.x
+        `rope_parameters`; as in transformers, a non-empty `rope_scaling` wins). RoPE types other
+        than default / linear / dynamic are refused with a ValueError naming the field."""
         theta = cfg.get("rope_theta")
         if theta is None:
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        field = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        rope = cfg.get(field) or {}
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"{field}={rope!r}: expected one dict of RoPE parameters")
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind not in ("default", *ROPE_SCALING_TYPES):
+            raise ValueError(f"{field}: RoPE type {kind!r} is not supported (supported: default, "
+                             f"{', '.join(ROPE_SCALING_TYPES)}); {field}={rope!r}")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{field}: partial_rotary_factor "
+                             f"{rope['partial_rotary_factor']!r} is not supported")
+        if kind != "default" and "factor" not in rope:
+            raise ValueError(f"{field}: RoPE type {kind!r} needs a 'factor'; {field}={rope!r}")
+        factor = float(rope["factor"]) if kind != "default" else 1.0
         kw = dict(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
@@ -63,19 +89,27 @@ class Qwen2Config:
             head_dim=cfg.get("head_dim"), rope_theta=float(theta),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768))
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            rope_scaling_type=None if kind == "default" else kind, rope_scaling_factor=factor)
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        """transformers Qwen2Config dict (both rope forms written)."""
+        """transformers Qwen2Config dict (both rope forms written: 4.x `rope_theta` +
+        `rope_scaling`, 5.x `rope_parameters`)."""
+        kind = self.rope_scaling_type
+        rope = {"rope_type": kind or "default", "rope_theta": self.rope_theta}
+        scaling = None
+        if kind is not None:
+            rope["factor"] = self.rope_scaling_factor
+            scaling = {"rope_type": kind, "type": kind, "factor": self.rope_scaling_factor}
         return {
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": rope, "rope_scaling": scaling,
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
             "attention_dropout": 0.0, "use_sliding_window": False, "torch_dtype": "float32",
@@ -161,11 +195,13 @@ class Qwen2(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def _stack(self, x, positions, attend, per_layer=()):
-        """THE layer stack: `decoder_layer` scanned over the stacked params (remat per config).
+        """The one layer stack: `decoder_layer` scanned over the stacked params (remat per config).
         x [N, L, E] at positions [N, L]; `attend(q, k, v, *per_layer_i)` gets this layer's slice
         of every `per_layer` array (leading axis: layers). Returns (x, per-layer (k, v))."""
         cfg = self.cfg
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
+                                scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
+                                original_max=cfg.max_position_embeddings)
 
         def layer(xs, x):
             p, extra = xs

@@ -31,6 +31,7 @@ class GRPOSettings:
     clip_high: float = 0.28
     beta: float = 0.01
     loss_agg: str = "token-mean"
+    dual_clip: float | None = None    # c of dual-clip PPO (A < 0 losses capped at -A * c)
 
     def __post_init__(self):
         if self.loss_agg not in LOSS_AGGS:
@@ -134,31 +135,39 @@ def k3_kl(logprobs: jax.Array, ref_logprobs: jax.Array, clip: float | None = 10.
     return kl if clip is None else jnp.clip(kl, -clip, clip)
 
 
-def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Array | None,
+def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
               advantages: jax.Array, mask: jax.Array, *, clip_low: float = 0.2,
               clip_high: float = 0.28, beta: float = 0.01, loss_agg: LossAgg = "token-mean",
-              kl_clip: float | None = 10.0, log_ratio_clip: float = 20.0):
+              kl_clip: float | None = 10.0, log_ratio_clip: float = 20.0,
+              dual_clip: float | None = None):
     """Clipped-surrogate GRPO loss plus beta * k3 KL to the reference policy.
 
     Shapes: logprobs / old_logprobs / ref_logprobs / mask `[B, T]` (mask 1 on counted response
     tokens), advantages `[B]`. Per token, with ratio = exp(logp - old) and A the row's advantage:
         pg = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+        pg = min(pg, -A * dual_clip) where A < 0          (dual-clip PPO, when dual_clip is set)
         kl = exp(ref - logp) - (ref - logp) - 1
         loss = aggregate(pg + beta * kl, mask, loss_agg)
-    old/ref log-probs are constants (stop_gradient). `log_ratio_clip` bounds logp - old before the
-    exp (verl uses 20) to avoid overflow; `ref_logprobs=None` or beta=0 drops the KL term.
+    old/ref log-probs are constants (stop_gradient); `old_logprobs=None` is on-policy: old =
+    logprobs, so the ratio is exactly 1 (the first update on a fresh rollout). `log_ratio_clip`
+    bounds logp - old before the exp (verl uses 20) to avoid overflow; `ref_logprobs=None` or
+    beta=0 drops the KL term.
 
     Returns (loss, metrics): metrics['policy_loss'] = aggregate(pg), metrics['kl'] = aggregate(kl)
     (so loss = policy_loss + beta * kl), and token means over valid tokens of: 'clip_frac' (share
     where the clipped branch was taken, i.e. its loss is strictly larger), 'clip_frac_low' (ratio
     below 1 - clip_low with A < 0), 'clip_frac_high' (ratio above 1 + clip_high with A > 0),
-    'ratio_mean'; plus 'num_tokens'.
+    'dual_clip_frac' (A < 0 and the loss capped at -A * dual_clip), 'ratio_mean'; plus
+    'num_tokens'.
     """
     if logprobs.ndim != 2 or advantages.ndim != 1 or advantages.shape[0] != logprobs.shape[0]:
         raise ValueError(f"grpo_loss expects logprobs [B, T] and advantages [B], got "
                          f"{logprobs.shape} and {advantages.shape}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     logprobs = logprobs.astype(jnp.float32)
-    old = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    old = jax.lax.stop_gradient(logprobs if old_logprobs is None else
+                                old_logprobs.astype(jnp.float32))
     mask = mask.astype(jnp.float32)
     adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))[:, None]
 
@@ -168,6 +177,11 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
     pg_clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     took_clipped = pg_clipped > pg_unclipped
     pg = jnp.where(took_clipped, pg_clipped, pg_unclipped)
+    dual = jnp.zeros_like(took_clipped)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual = (adv < 0) & (pg > cap)
+        pg = jnp.where(dual, cap, pg)
     policy_loss = aggregate(pg, mask, loss_agg)
 
     if ref_logprobs is None or beta == 0.0:
@@ -186,6 +200,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Ar
         "clip_frac": masked_mean(took_clipped.astype(jnp.float32), mask),
         "clip_frac_low": masked_mean(low.astype(jnp.float32), mask),
         "clip_frac_high": masked_mean(high.astype(jnp.float32), mask),
+        "dual_clip_frac": masked_mean(dual.astype(jnp.float32), mask),
         "ratio_mean": masked_mean(ratio, mask),
         "num_tokens": mask.sum(),
     }

@@ -50,13 +50,14 @@ def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,
 def grpo_step_loss(model, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv, *,
                    settings, layout: Layout = UNSHARDED):
     """GRPO loss of a rollout batch under the policy `model`: responses [B, G, T], resp_mask /
-    old_lp / ref_lp [B*G, T], adv [B*G]; `settings` a `GRPOSettings`. Returns (loss, metrics
-    with the entropy)."""
+    old_lp / ref_lp [B*G, T] (old_lp None: on-policy, ratio 1), adv [B*G]; `settings` a
+    `GRPOSettings`. Returns (loss, metrics with the entropy)."""
     b, g, t = responses.shape
     lp, ent = group_logprobs(model, feats, ids, attn, responses, temperature=settings.temperature,
                              layout=layout, with_entropy=True)
     loss, metrics = grpo_loss(lp.reshape(b * g, t), old_lp, ref_lp, adv, resp_mask,
                               clip_low=settings.clip_low, clip_high=settings.clip_high,
-                              beta=settings.beta, loss_agg=settings.loss_agg)
+                              beta=settings.beta, loss_agg=settings.loss_agg,
+                              dual_clip=settings.dual_clip)
     metrics["entropy"] = masked_mean(ent.reshape(b * g, t), resp_mask)
     return loss, metrics

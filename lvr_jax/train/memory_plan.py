@@ -209,8 +209,9 @@ class Plan:
         mesh = mesh if mesh is not None else make_mesh(dict(config.mesh))
         layout = Layout.of(mesh, settings.sharding_rules(config))
         cfg = planned_config(vlm_config_from(config.model), stand_ins)
-        tx = make_optimizer(config.optim, int(config.train.steps))
-        wrt = trainable_filter(bool(config.train.freeze_vision))
+        tx = make_optimizer(config.optim, settings.update_calls(config, "rl"))
+        wrt = trainable_filter(config.train.freeze_vision,
+                               config.train.get("freeze_projector", False))
 
         def policy():
             model = VLM(cfg, rngs=nnx.Rngs(0))
@@ -254,9 +255,11 @@ class Shapes:
 
 
 def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
-    """Sizes of one step at `frames` frames (prompts padded to the layout's `pad_multiple`)."""
+    """Sizes of one step at `frames` frames (prompts padded to the layout's `pad_multiple`):
+    `batch` prompts per rollout (default: the config's, `settings.prompts_per_step`)."""
     p = config.data.pipeline
-    return Shapes(batch=int(batch or p.batch_size), frames=int(frames), text=int(p.max_length),
+    return Shapes(batch=int(batch or settings.prompts_per_step(config, "rl")), frames=int(frames),
+                  text=int(p.max_length),
                   group=int(config.rl.group_size), new_tokens=int(config.rl.max_new_tokens),
                   tokens_per_frame=vlm_config_from(config.model).tokens_per_frame,
                   multiple=Layout.of(mesh, settings.sharding_rules(config)).pad_multiple)
@@ -339,10 +342,12 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
             plan.ref, feats, ids, attn, responses, loss.temperature, layout=layout))
     if "update" in want:
         rows = (s.batch * g, t)
+        m = settings.ppo_minibatches(config)      # one minibatch's update (all of it for m = 1)
+        minibatch = None if m == 1 else sds((s.batch // m,), jnp.int32, mesh)
         record("update", lambda: grpo_update.lower(
             plan.model, plan.optimizer, feats, ids, attn, responses, sds(rows, jnp.bool_, mesh),
             sds(rows, jnp.float32, mesh), sds(rows, jnp.float32, mesh),
-            sds((s.batch * g,), jnp.float32, mesh), loss, layout=layout))
+            sds((s.batch * g,), jnp.float32, mesh), loss, layout=layout, rows=minibatch))
     return results
 
 

@@ -19,7 +19,7 @@ from sharding.mesh import Layout, make_mesh, rules_from_strings
 def from_fields(cls, section, **overrides):
     """`cls` (a dataclass) from the entries of a config section that name its fields."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(section).items() if k in names}, **overrides)
+    return cls(**{**{k: v for k, v in dict(section).items() if k in names}, **overrides})
 
 
 def sharding_rules(config) -> dict | None:
@@ -52,8 +52,37 @@ def data_files(config, split: str) -> str:
 def data_config(config, **overrides) -> DataConfig:
     """The pipeline settings (`data.pipeline`); the dataset root defaults to `data.dir`."""
     fields = dict(config.data.pipeline)
+    fields.pop("rollout_batch_size", None)
     fields["root"] = fields.get("root") or config.data.dir
     return DataConfig(**{**fields, **overrides})
+
+
+def prompts_per_step(config, mode: str) -> int:
+    """Global prompts per training step: `data.pipeline.batch_size`; for GRPO ("rl") the rollout
+    batch `data.pipeline.rollout_batch_size` when set, which `rl.ppo_minibatches` must divide."""
+    pipe = config.data.pipeline
+    if mode != "rl" or not pipe.get("rollout_batch_size"):
+        return int(pipe.batch_size)
+    prompts, minibatches = int(pipe.rollout_batch_size), ppo_minibatches(config)
+    if prompts % minibatches:
+        raise ValueError(f"data.pipeline.rollout_batch_size={prompts} is not a multiple of "
+                         f"rl.ppo_minibatches={minibatches}")
+    return prompts
+
+
+def ppo_minibatches(config) -> int:
+    """Optimizer steps per GRPO rollout (`rl.ppo_minibatches`, >= 1)."""
+    m = int(config.rl.get("ppo_minibatches", 1))
+    if m < 1:
+        raise ValueError(f"rl.ppo_minibatches must be >= 1, got {m}")
+    return m
+
+
+def update_calls(config, mode: str) -> int:
+    """Update calls over the run (what the LR schedule counts, before accumulation): one per
+    step for SFT, `rl.ppo_minibatches` per rollout step for GRPO."""
+    per_step = ppo_minibatches(config) if mode == "rl" else 1
+    return int(config.train.steps) * per_step
 
 
 def sampling_params(config) -> SamplingParams:
@@ -62,5 +91,13 @@ def sampling_params(config) -> SamplingParams:
 
 
 def grpo_settings(config) -> GRPOSettings:
-    """The GRPO loss settings of the `rl` section."""
-    return from_fields(GRPOSettings, config.rl)
+    """The GRPO loss settings of the `rl` section (`dual_clip` 0: off)."""
+    return from_fields(GRPOSettings, config.rl, dual_clip=float(config.rl.get("dual_clip", 0.0))
+                       or None)
+
+
+def reward_style(config) -> str:
+    """`rl.reward_style`, checked (a config error at start-up, never a silent 0 reward)."""
+    from lvr_jax.rl.rewards import check_reward_style
+
+    return check_reward_style(config.rl.get("reward_style", "longrl"))

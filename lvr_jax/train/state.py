@@ -32,14 +32,32 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay, global-norm clipping, non-finite skipping, accumulation.
-    `total_steps` counts training steps; with `grad_accum_steps` = k the schedule (and
-    `warmup_steps`) counts optimizer updates, one per k steps."""
-    updates = max(1, total_steps // max(1, optim.grad_accum_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate(optim, updates: int) -> optax.Schedule:
+    """`optim.schedule` over `updates` optimizer updates: "cosine" = linear warmup over
+    `warmup_steps`, cosine decay to `final_lr_fraction`; "constant" = linear warmup (none for 0),
+    then constant (Long-RL's)."""
+    kind = optim.get("schedule", "cosine")
+    if kind == "constant":
+        if optim.warmup_steps <= 0:
+            return optax.constant_schedule(optim.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, optim.warmup_steps),
+                                     optax.constant_schedule(optim.lr)], [optim.warmup_steps])
+    if kind != "cosine":
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
+    return optax.warmup_cosine_decay_schedule(
         0.0, optim.lr, max(1, min(optim.warmup_steps, updates - 1)), max(updates, 2),
         end_value=optim.lr * optim.final_lr_fraction)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on the `learning_rate` schedule, global-norm clipping, non-finite skipping,
+    accumulation. `total_steps` counts update calls; with `grad_accum_steps` = k the schedule
+    (and `warmup_steps`) counts optimizer updates, one per k calls."""
+    updates = max(1, total_steps // max(1, optim.grad_accum_steps))
+    schedule = learning_rate(optim, updates)
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                                  weight_decay=optim.weight_decay))
@@ -49,11 +67,13 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     return tx
 
 
-def trainable_filter(freeze_vision: bool):
-    """Params that get gradients: everything, or everything but the vision tower."""
-    if not freeze_vision:
+def trainable_filter(freeze_vision: bool, freeze_projector: bool = False):
+    """Params that get gradients: everything but the frozen towers (vision, projector)."""
+    frozen = [name for name, on in (("vision", freeze_vision), ("projector", freeze_projector))
+              if on]
+    if not frozen:
         return nnx.Param
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
+    return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in frozen))
 
 
 def nonfinite_counts(opt_state) -> tuple[int, int]:
@@ -136,10 +156,12 @@ def setup(config, workdir, *, mode: str) -> Run:
     model, tok, _ = settings.load_model(config, config.init_checkpoint, mesh,
                                         remat=config.model.remat)
     log.info("initial weights from %s", config.init_checkpoint)
-    optimizer = nnx.Optimizer(model, make_optimizer(config.optim, int(config.train.steps)),
-                              wrt=trainable_filter(config.train.freeze_vision))
+    optimizer = nnx.Optimizer(model, make_optimizer(config.optim, settings.update_calls(config,
+                                                                                         mode)),
+                              wrt=trainable_filter(config.train.freeze_vision,
+                                                   config.train.get("freeze_projector", False)))
     replicate_stray_arrays(optimizer, mesh)
-    global_batch = int(config.data.pipeline.batch_size)
+    global_batch = settings.prompts_per_step(config, mode)
     shard = batch_rows(mesh, global_batch, layout.table)
     local_batch = global_batch // shard[1]
     data_cfg = settings.data_config(config, mode=mode, num_epochs=None, batch_size=local_batch)

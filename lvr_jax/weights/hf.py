@@ -37,10 +37,13 @@ class Tensor:
 
     kind: 'same' (same shape), 'flat' (HF holds it flattened), 'linear' (HF [out, in] weight;
     our first `n_in` dims are the input), 'conv' (HF [E, C, p, p] conv; ours [p, p, C, E]).
+    rows (loading only): the checkpoint holds just this many rows of HF axis 0 (the vocab of the
+    embedding / lm_head); the missing rows are the mean of those (`grow_rows`).
     """
     key: str
     kind: str = "same"
     n_in: int = 1
+    rows: int | None = None
 
     def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
         if self.kind == "flat":
@@ -126,11 +129,29 @@ def _read_layer(src: TensorDir, spec: Tensor, key: str, shape: tuple[int, ...]) 
     if key not in src:
         raise CheckpointError(f"tensor {key!r} missing in {src.folder}")
     want = spec.hf_shape(shape)
+    full = want[0]
+    if spec.rows is not None:
+        want = (spec.rows, *want[1:])
     got = src.shape(key)
     if got != want:
         raise CheckpointError(f"shape mismatch for {key!r} in {src.file_of(key)}: checkpoint has "
                               f"{got}, the config expects {want}")
-    return spec.to_ours(src.get(key), shape)
+    a = src.get(key)
+    if spec.rows is not None:
+        a = grow_rows(a, full)
+    return spec.to_ours(a, shape)
+
+
+def grow_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """`a` [n, ...] with rows n..rows-1 appended, each the mean of the n rows (computed in float32,
+    cast back), as transformers' `resize_token_embeddings` initialises added tokens: its default
+    (`mean_resizing=True`) samples N(mean, 1e-9 * covariance), i.e. the mean up to noise of
+    ~3e-5 of the rows' spread; we take the mean itself, so loading is deterministic."""
+    extra = rows - a.shape[0]
+    if extra <= 0:
+        return a
+    mean = np.mean(a.astype(np.float32), axis=0, keepdims=True).astype(a.dtype)
+    return np.concatenate([a, np.repeat(mean, extra, axis=0)], axis=0)
 
 
 def _fill(abstract: nnx.Module, parts: list[tuple[tuple, TensorDir, dict]], mesh, rules,
@@ -175,10 +196,16 @@ def _unused(src: TensorDir, specs: dict, layers: int) -> list[str]:
     return sorted(k for k in src.keys() if k not in expected)
 
 
-def _llm_parts(folder: Path, cfg: Qwen2Config):
+def _llm_parts(folder: Path, cfg: Qwen2Config, stored_vocab: int | None = None):
+    """The LLM's tensors; `stored_vocab` < cfg.vocab_size: the checkpoint's embedding / lm_head
+    rows, grown to the config's (`fit_vocab`)."""
     src = TensorDir(folder)
     prefix = src.find_prefix("embed_tokens.weight")
     specs = qwen2_tensors(cfg, prefix)
+    if stored_vocab is not None and stored_vocab != cfg.vocab_size:
+        for path in (("embed",), ("lm_head",)):
+            if path in specs:
+                specs[path] = dataclasses.replace(specs[path], rows=stored_vocab)
     skip = [k for k in _unused(src, specs, cfg.num_layers) if k != "lm_head.weight"]
     if skip:
         log.warning("%s: ignoring %d unused tensors, e.g. %s", folder, len(skip), skip[:3])
@@ -205,31 +232,39 @@ def _dtypes(dtype, param_dtype):
     return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or jnp.float32))
 
 
-def _load_plain(path, config_cls, module_cls, parts_fn, *, mesh, dtype, param_dtype, rules,
-                remat, **fields):
-    """A plain HF folder (config.json + safetensors) -> (module, config); `fields` are more
-    config fields (the LLM's attention options)."""
-    path = Path(path)
-    dt = _dtypes(dtype, param_dtype)
-    cfg = config_cls.from_hf(read_json(path / "config.json"), remat=remat, **dt, **fields)
-    model = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
-    src, specs = parts_fn(path, cfg)
-    return _fill(model, [((), src, specs)], mesh, rules, dt["param_dtype"]), cfg
+def _llm_config(folder: Path, **fields) -> Qwen2Config:
+    """Qwen2Config of `folder`/config.json; an unsupported setting is an error naming the file."""
+    try:
+        return Qwen2Config.from_hf(read_json(folder / "config.json"), **fields)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
 def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
              attention: AttentionOptions | None = None):
-    """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config)."""
-    return _load_plain(path, Qwen2Config, Qwen2, _llm_parts, mesh=mesh, dtype=dtype,
-                       param_dtype=param_dtype, rules=rules, remat=remat,
-                       attention=attention or AttentionOptions())
+    """Load a plain HF Qwen2 folder -> (Qwen2, Qwen2Config).
+
+    With a tokenizer in the folder, the embedding (and an untied lm_head) grows to fit it with
+    the media tokens as `load_vlm` does (`fit_vocab`); `load_tokenizer(path)` then gives the same
+    token ids."""
+    path = Path(path)
+    dt = _dtypes(dtype, param_dtype)
+    cfg = _llm_config(path, remat=remat, attention=attention or AttentionOptions(), **dt)
+    stored = cfg.vocab_size
+    if has_tokenizer(path):
+        cfg = fit_vocab(cfg, *_tokenizer_with_media(path), path)
+    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    return _fill(model, [((), *_llm_parts(path, cfg, stored))], mesh, rules, dt["param_dtype"]), cfg
 
 
 def load_vision_tower(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None,
                       remat=False):
     """Load a plain HF SigLIP vision folder -> (SiglipVision, SiglipConfig)."""
-    return _load_plain(path, SiglipConfig, SiglipVision, _vision_parts, mesh=mesh, dtype=dtype,
-                       param_dtype=param_dtype, rules=rules, remat=remat)
+    path = Path(path)
+    dt = _dtypes(dtype, param_dtype)
+    cfg = SiglipConfig.from_hf(read_json(path / "config.json"), remat=remat, **dt)
+    model = nnx.eval_shape(lambda: SiglipVision(cfg, rngs=nnx.Rngs(0)))
+    return _fill(model, [((), *_vision_parts(path, cfg))], mesh, rules, dt["param_dtype"]), cfg
 
 
 def _subfolder(path: Path, name: str) -> Path:
@@ -258,8 +293,7 @@ def vila_folder_problem(path, *, tokenizer: bool = False) -> str | None:
         if not (path / sub).is_dir():
             return (f" has no '{sub}/' sub-folder (expected llm/, vision_tower/ and "
                     f"mm_projector/)")
-    if tokenizer and not any((path / "llm" / f).is_file()
-                             for f in ("tokenizer.json", "tokenizer_config.json")):
+    if tokenizer and not has_tokenizer(path / "llm"):
         return f": no tokenizer in {path / 'llm'}"
     return None
 
@@ -280,14 +314,48 @@ def projector_type(path: Path) -> str:
     return kind
 
 
-def load_tokenizer(folder, vocab_size: int | None = None):
-    """AutoTokenizer from `folder`, with the media tokens added when missing."""
+def has_tokenizer(folder) -> bool:
+    """Whether `folder` holds a HF tokenizer (tokenizer.json or tokenizer_config.json)."""
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _tokenizer_with_media(folder):
+    """(AutoTokenizer of `folder` with the missing media tokens added, how many were added)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     missing = [t for t in MEDIA_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
+    return tok, len(missing)
+
+
+def fit_vocab(cfg: Qwen2Config, tok, added: int, folder) -> Qwen2Config:
+    """`cfg` with vocab_size grown to len(tok) when only the `added` media tokens make `tok`
+    longer than the checkpoint's embedding (VILA resizes the embedding for them; the rows load
+    as `grow_rows` makes them; logged); else `cfg`. A tokenizer longer than the embedding by
+    itself is the wrong tokenizer: an error naming the sizes, rather than growing silently."""
+    n, vocab = len(tok), cfg.vocab_size
+    if n <= vocab:
+        return cfg
+    if n - added > vocab:
+        has = (f"{n - added} tokens before the {added} media tokens added" if added
+               else f"{n} tokens (media tokens included)")
+        raise CheckpointError(f"tokenizer in {folder} has {has}, more than the {vocab} rows of "
+                              f"the LLM embedding: not this model's tokenizer?")
+    log.warning("%s: growing the embedding%s from %d to %d rows for the %d media token(s) the "
+                "tokenizer lacked (new rows: the mean of the old ones)", folder,
+                "" if cfg.tie_word_embeddings else " and lm_head", vocab, n, added)
+    return dataclasses.replace(cfg, vocab_size=n)
+
+
+def load_tokenizer(folder, vocab_size: int | None = None):
+    """AutoTokenizer from `folder`, with the media tokens added when missing.
+
+    With `vocab_size` (the rows of an embedding that will not be grown): an error when the
+    tokenizer, media tokens included, is longer. `load_vlm` / `load_llm` grow the embedding for
+    missing media tokens instead (`fit_vocab`)."""
+    tok, _ = _tokenizer_with_media(folder)
     if vocab_size is not None and len(tok) > vocab_size:
         raise CheckpointError(f"tokenizer in {folder} has {len(tok)} tokens (with media tokens) "
                               f"but the LLM embedding has only {vocab_size} rows")
@@ -308,6 +376,10 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     `dtype` is the compute dtype, `param_dtype` the stored one (default float32). With a mesh,
     every param is placed by its logical axis names (rules: `sharding.mesh.DEFAULT_RULES`).
     `attention`: the LLM's attention options (compiled-program knobs; default the defaults).
+    Media tokens missing from the tokenizer are added; when they do not fit the LLM embedding,
+    it (and an untied lm_head) grows to len(tokenizer), new rows the mean of the old ones, and
+    the returned config's vocab_size follows (`fit_vocab`; `save_hf` writes the grown size).
+    `rope_scaling` linear / dynamic is read into the LLM config; other types are refused.
     """
     path = Path(path)
     top = read_json(path / "config.json")
@@ -317,19 +389,21 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     llm_dir, vis_dir, proj_dir = (_subfolder(path, n) for n in ("llm", "vision_tower",
                                                                  "mm_projector"))
     dt = _dtypes(dtype, param_dtype)
-    llm_cfg = Qwen2Config.from_hf(read_json(llm_dir / "config.json"), remat=remat,
-                                  attention=attention or AttentionOptions(), **dt)
+    llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention or AttentionOptions(), **dt)
+    stored_vocab = llm_cfg.vocab_size
     vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat, **dt)
     kind = projector_type(path)
-    has_tokenizer = any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = load_tokenizer(llm_dir, llm_cfg.vocab_size) if has_tokenizer else None
-    if tok is None:
+    tok = None
+    if has_tokenizer(llm_dir):
+        tok, added = _tokenizer_with_media(llm_dir)
+        llm_cfg = fit_vocab(llm_cfg, tok, added, llm_dir)
+    else:
         log.warning("%s has no tokenizer; using token ids from config.json", llm_dir)
     video_id = tok.convert_tokens_to_ids(VIDEO_TOKEN) if tok else top.get("video_token_id", -1)
     nl_id = newline_id(tok) if tok else top.get("newline_token_id", 198)
     cfg = VLMConfig(llm_cfg, vis_cfg, kind, video_token_id=int(video_id), newline_token_id=nl_id)
     model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-    parts = [(("llm",), *_llm_parts(llm_dir, llm_cfg)),
+    parts = [(("llm",), *_llm_parts(llm_dir, llm_cfg, stored_vocab)),
              (("vision",), *_vision_parts(vis_dir, vis_cfg)),
              (("projector",), *_projector_parts(proj_dir, kind))]
     return _fill(model, parts, mesh, rules, dt["param_dtype"]), tok, cfg
