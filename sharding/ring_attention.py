@@ -1,26 +1,36 @@
 """Ring attention over a mesh axis (MR-SP stage 2), load balanced for causal masks by zigzag.
 
 Layout: every device holds a slice of the sequence (in zigzag order, see
-:mod:`sharding.sequence_parallel`): its queries and its keys/values. The K/V blocks, with their
-global positions and segment ids, travel around the ring with ``jax.lax.ppermute`` while each
-device folds them into an online softmax (running max / sum, float32). Masks come only from global
-positions and segment ids, so any token permutation works; blocks that are fully masked are skipped
-with ``jax.lax.cond`` per (query chunk, key chunk) sub-block, which under zigzag gives every device
-the same ``2n + 1`` of ``4n`` sub-blocks for a causal mask.
+:mod:`sharding.sequence_parallel`): its queries and its keys/values, each cut into two chunks.
+The K/V blocks, with their global positions and segment ids, travel around the ring with
+``jax.lax.ppermute`` (sent before the step's compute, so the transfer overlaps it) while each
+device folds them into an online softmax (running max / sum, float32; the sub-block math is in
+:mod:`sharding.ring_blocks`). Masks come from global positions and segment ids.
 
-Masking semantics (shared by :func:`dense_attention`): query ``i`` attends key ``j`` iff
-``seg_k[j] >= 0`` and ``seg_q[i] == seg_k[j]`` and (if causal) ``pos_k[j] <= pos_q[i]``. A
-negative segment id marks padding. A query with no key to attend outputs exactly 0.
+Schedule, without conditionals (no `lax.cond`: no predicate copied to the host, a program CUDA
+graphs can capture). Causal attention on a zigzag layout: device ``i`` holds chunks ``i`` and
+``2n-1-i``; at ring step ``s`` it holds the K/V chunks of device ``j = i - s mod n``. Step 0
+computes 3 sub-blocks (both diagonals and the late-query / early-key one); every later step
+exactly 2: when ``j < i`` both query chunks against key chunk ``j``, else query chunk ``2n-1-i``
+against both key chunks; the chunks are chosen by index with selects. Every other sub-block is
+fully masked under zigzag. So each device computes ``2n + 1`` of ``4n`` sub-blocks whatever its
+index. This needs positions that grow with the global token index (zigzag_positions, or a
+prompt's positions with its padding segment-masked, as `shard_sequence` makes them); anything
+else, and non-causal attention, takes every sub-block (``4n``).
+
+Masking semantics (shared by :func:`lvr_jax.models.attention.dense_attention`): query ``i`` attends
+key ``j`` iff ``seg_k[j] >= 0`` and ``seg_q[i] == seg_k[j]`` and (if causal) ``pos_k[j] <= pos_q[i]``.
+A negative segment id marks padding. A query with no key to attend outputs exactly 0.
 
 GQA: ``q`` has ``H`` heads and ``k``/``v`` have ``KVH`` heads with ``H % KVH == 0``; query head
 ``h`` uses kv head ``h // (H // KVH)`` (the HF ``repeat_kv`` convention). K/V are never repeated
 in memory: q is viewed as ``[B, L, KVH, H // KVH, D]``.
 
 Gradients: a ``jax.custom_vjp``. The forward saves only q, k, v, the output and the per-row
-log-sum-exp; the backward recomputes the probabilities block by block in a second ring pass, where
-the dK/dV accumulators travel with their K/V block and arrive home after ``n`` hops. Memory is
-O(local length) per device, not O(local length x global length) as plain autodiff of the loop
-would be.
+log-sum-exp; the backward recomputes the probabilities sub-block by sub-block in a second ring
+pass over the same schedule, where the dK/dV accumulators travel with their K/V block and arrive
+home after ``n`` hops. Memory is O(local length) per device, not O(local length x global length)
+as plain autodiff of the loop would be.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import Layout
+from sharding.ring_blocks import F32, KEY_TILE, bwd_block, chunks, fwd_block, group_heads
 from sharding.sequence_parallel import (
     pad_sequence,
     padded_length,
@@ -42,51 +53,8 @@ from sharding.sequence_parallel import (
     zigzag_positions,
 )
 
-F32 = jnp.float32
 
-
-# ----------------------------------------------------------------------------- masks
-
-
-def _mask(q_pos, q_seg, kv_pos, kv_seg, causal: bool):
-    """Boolean mask ``[B, 1, 1, Lq, Lk]`` (broadcasts over kv heads and groups)."""
-    m = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] >= 0)
-    if causal:
-        m = m & (kv_pos[:, None, :] <= q_pos[:, :, None])
-    return m[:, None, None]
-
-
-def _block_live(q_pos, q_seg, kv_pos, kv_seg, causal: bool):
-    """Scalar bool: may any (query, key) pair of this block be unmasked? (conservative)."""
-    hi_p = jnp.iinfo(q_pos.dtype).max
-    hi_s = jnp.iinfo(q_seg.dtype).max
-    qv, kv = q_seg >= 0, kv_seg >= 0
-    live = qv.any(1) & kv.any(1)
-    q_smin = jnp.where(qv, q_seg, hi_s).min(1)
-    q_smax = jnp.where(qv, q_seg, -1).max(1)
-    k_smin = jnp.where(kv, kv_seg, hi_s).min(1)
-    k_smax = jnp.where(kv, kv_seg, -1).max(1)
-    live = live & (q_smin <= k_smax) & (k_smin <= q_smax)
-    if causal:
-        k_pmin = jnp.where(kv, kv_pos, hi_p).min(1)
-        q_pmax = jnp.where(qv, q_pos, -hi_p).max(1)
-        live = live & (k_pmin <= q_pmax)
-    return live.any()
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _group(q, kv_heads: int):
-    """``[B, L, H, D] -> [B, L, KVH, H // KVH, D]``."""
-    b, l, h, d = q.shape
-    if h % kv_heads:
-        raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
-    return q.reshape(b, l, kv_heads, h // kv_heads, d)
-
-
-def _chunks(x, n: int, axis: int = 1):
-    return list(jnp.split(x, n, axis=axis)) if n > 1 else [x]
+# ----------------------------------------------------------------------------- schedule
 
 
 def _varying_axes(x) -> frozenset:
@@ -100,7 +68,7 @@ def _varying_axes(x) -> frozenset:
 def _match_vma(tree, *refs):
     """pcast every leaf of ``tree`` to vary over the union of the axes the ``refs`` vary over.
 
-    Needed for loop / cond carries built from constants inside a ``shard_map`` with check_vma.
+    Needed for loop carries built from constants inside a ``shard_map`` with check_vma.
     """
     axes = frozenset().union(*(_varying_axes(r) for r in refs))
 
@@ -115,65 +83,59 @@ def _ring_perm(n: int):
     return [(j, (j + 1) % n) for j in range(n)]
 
 
+def _zigzag_ok(causal: bool, local_length: int) -> bool:
+    """Whether the 2n+1 zigzag schedule applies (else every sub-block is computed)."""
+    return causal and local_length % 2 == 0
+
+
+def _pairs(zigzag_schedule: bool, first: bool, early):
+    """The (query chunk, key chunk) sub-blocks of a ring step; an index is a Python int or a
+    traced 0/1 scalar (chosen by `early` = the K/V came from a device before this one)."""
+    if not zigzag_schedule:
+        return [(0, 0), (0, 1), (1, 0), (1, 1)]
+    if first:
+        return [(0, 0), (1, 0), (1, 1)]
+    late = jnp.where(early, 0, 1).astype(jnp.int32)
+    return [(late, 0), (1, late)]
+
+
+def num_blocks(n: int, causal: bool, local_length: int) -> int:
+    """Sub-blocks one device computes in a ring of `n` (2n + 1 causal zigzag, else 4n; n for an
+    odd local length, one chunk)."""
+    if local_length % 2:
+        return n
+    return 2 * n + 1 if _zigzag_ok(causal, local_length) else 4 * n
+
+
+def _pick(items, idx):
+    """items[idx] for a Python int, or a select between the two for a traced 0/1 index."""
+    if isinstance(idx, int):
+        return items[idx]
+    return jax.tree.map(lambda a, b: jnp.where(idx == 0, a, b), items[0], items[1])
+
+
+def _put(items, idx, new):
+    """items with items[idx] = new, without a conditional (see `_pick`)."""
+    items = list(items)
+    if isinstance(idx, int):
+        items[idx] = new
+        return items
+    return [jax.tree.map(lambda x, y, i=i: jnp.where(idx == i, x, y), new, items[i])
+            for i in range(len(items))]
+
+
+def _early(axis_name):
+    """`early(s)`: at ring step s this device holds the K/V of a device before it (i - s >= 0)."""
+    i = jax.lax.axis_index(axis_name)
+    return lambda s: s <= i
+
+
 # ----------------------------------------------------------------------------- forward
-
-
-# Keys per tile inside a (query chunk, key chunk) sub-block (the default of `key_tile`): the scores
-# alive at a time are [B, KVH, G, Cq, key_tile] instead of [B, KVH, G, Cq, Ck] (Ck = local length
-# / 2; 16.5k tokens for the 7B at 1024 frames on seq = 8, 29 GiB of float32 scores untiled).
-KEY_TILE = 512
-
-
-def _key_tiles(length: int, key_tile: int) -> tuple[int, int]:
-    """(tile size, number of tiles) for a key chunk of `length` keys."""
-    tile = min(key_tile, length)
-    return tile, -(-length // tile)
-
-
-def _key_tile(i, tile: int, length: int, q_pos, q_seg, kv_pos, kv_seg, causal: bool):
-    """Start of key tile `i` and its mask. The last tile is shifted back to end at `length`;
-    keys it shares with the tile before are masked out (each key is folded in once)."""
-    start = jnp.minimum(i * tile, length - tile)
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, tile, axis=1)  # noqa: E731
-    fresh = start + jnp.arange(tile) >= i * tile
-    return start, take, _mask(q_pos, q_seg, take(kv_pos), take(kv_seg), causal) & fresh
-
-
-def _fwd_block(state, q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale, key_tile):
-    """Fold one (query chunk, key chunk) sub-block into the online-softmax state, tile by tile."""
-    tile, n = _key_tiles(k.shape[1], key_tile)
-    if n == 1:
-        return _fwd_tile(state, q, k, v, _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
-
-    def one(i, st):
-        _, take, mask = _key_tile(i, tile, k.shape[1], q_pos, q_seg, kv_pos, kv_seg, causal)
-        return _fwd_tile(st, q, take(k), take(v), mask, scale)
-
-    return jax.lax.fori_loop(0, n, one, state)
-
-
-def _fwd_tile(state, q, k, v, mask, scale):
-    """Fold one block of keys into the online-softmax state."""
-    m, l, acc = state  # m, l: [B, KVH, G, Cq]; acc: [B, KVH, G, Cq, D]; float32
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
-    s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(-1))
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-    alpha = jnp.exp(m - m_safe)  # m == -inf -> 0
-    l = alpha * l + p.sum(-1)
-    pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=F32)
-    acc = acc * alpha[..., None] + pv
-    return m_new, l, acc
-
-
-def _num_chunks(length: int) -> int:
-    return 2 if length % 2 == 0 and length >= 2 else 1
 
 
 def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile,
                   tie_positions):
-    """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32, computed sub-blocks)``.
+    """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32)``.
 
     ``tie_positions``: tie the positions / segment ids to q with an optimization_barrier. Under a
     differentiated layer scan they are loop invariant, and JAX's scan partial evaluation hoists
@@ -190,53 +152,44 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     n = jax.lax.axis_size(axis_name)
-    nq, nk = _num_chunks(lq), _num_chunks(k.shape[1])
-    qg = _group(q, kvh)
+    nc = 2 if lq % 2 == 0 else 1
+    zz = _zigzag_ok(causal, lq) and k.shape[1] == lq
+    qg = group_heads(q, kvh)
     g = qg.shape[3]
-    q_c, qp_c, qs_c = _chunks(qg, nq), _chunks(q_pos, nq), _chunks(q_seg, nq)
-    cq = lq // nq
+    q_c, qp_c, qs_c = chunks(qg, nc), chunks(q_pos, nc), chunks(q_seg, nc)
+    cq = lq // nc
+    state = [(jnp.full((b, kvh, g, cq), -jnp.inf, F32), jnp.zeros((b, kvh, g, cq), F32),
+              jnp.zeros((b, kvh, g, cq, d), F32)) for _ in range(nc)]
+    state = _match_vma(state, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    early_at = _early(axis_name)
 
-    state0 = [
-        (
-            jnp.full((b, kvh, g, cq), -jnp.inf, F32),
-            jnp.zeros((b, kvh, g, cq), F32),
-            jnp.zeros((b, kvh, g, cq, d), F32),
-        )
-        for _ in range(nq)
-    ]
-    count0 = jnp.zeros((), jnp.int32)
-    state0, count0 = _match_vma((state0, count0), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    def step(state, kvb, pairs):
+        kb, vb, kpb, ksb = (chunks(x, nc) for x in kvb)
+        for a, c in pairs:
+            fold = functools.partial(
+                fwd_block, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c), q_pos=_pick(qp_c, a),
+                q_seg=_pick(qs_c, a), kv_pos=_pick(kpb, c), kv_seg=_pick(ksb, c), causal=causal,
+                scale=scale, key_tile=key_tile)
+            state = _put(state, a, fold(_pick(state, a)))
+        return state
 
-    def step(state, count, kvb):
-        kb, vb, kpb, ksb = kvb
-        k_c, v_c = _chunks(kb, nk), _chunks(vb, nk)
-        kp_c, ks_c = _chunks(kpb, nk), _chunks(ksb, nk)
-        new_state = []
-        for a in range(nq):
-            st = state[a]
-            for c in range(nk):
-                live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
-                st = jax.lax.cond(
-                    live,
-                    functools.partial(_fwd_block, q=q_c[a], k=k_c[c], v=v_c[c], q_pos=qp_c[a],
-                                      q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
-                                      causal=causal, scale=scale, key_tile=key_tile),
-                    lambda s: s,
-                    st,
-                )
-                count = count + live.astype(jnp.int32)
-            new_state.append(st)
-        return new_state, count
-
-    def body(_, carry):
-        state, count, kvb = carry
-        nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))
-        state, count = step(state, count, kvb)
-        return state, count, nxt
+    def pairs_at(s):
+        if nc == 1:
+            return [(0, 0)]
+        return _pairs(zz, False, early_at(s))
 
     kvb = (k, v, kv_pos, kv_seg)
-    state, count, kvb = jax.lax.fori_loop(0, n - 1, body, (state0, count0, kvb))
-    state, count = step(state, count, kvb)
+    if n > 1:
+        nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))   # in flight during step 0
+    state = step(state, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None))
+    if n > 1:
+        def body(s, carry):
+            state, kvb = carry
+            nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))
+            return step(state, kvb, pairs_at(s)), nxt
+
+        state, kvb = jax.lax.fori_loop(1, n - 1, body, (state, nxt))
+        state = step(state, kvb, pairs_at(n - 1))
 
     outs, lses = [], []
     for m, l, acc in state:
@@ -245,43 +198,10 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
         outs.append(o.transpose(0, 3, 1, 2, 4))  # [B, Cq, KVH, G, D]
         lses.append(jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0))
     out = jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
-    lse = jnp.concatenate(lses, axis=-1)
-    return out, lse, count
+    return out, jnp.concatenate(lses, axis=-1)
 
 
 # ----------------------------------------------------------------------------- backward
-
-
-def _bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal, scale,
-               key_tile):
-    """Gradient contributions of one sub-block, tile by tile; ``acc = (dq_a, dk_c, dv_c)``."""
-    tile, n = _key_tiles(k.shape[1], key_tile)
-    if n == 1:
-        return _bwd_tile(acc, q, k, v, do, lse, delta,
-                         _mask(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
-
-    def one(i, carry):
-        dq, dk, dv = carry
-        start, take, mask = _key_tile(i, tile, k.shape[1], q_pos, q_seg, kv_pos, kv_seg, causal)
-        dq, dk_t, dv_t = _bwd_tile((dq, take(dk), take(dv)), q, take(k), take(v), do, lse, delta,
-                                   mask, scale)
-        put = lambda x, t: jax.lax.dynamic_update_slice_in_dim(x, t, start, axis=1)  # noqa: E731
-        return dq, put(dk, dk_t), put(dv, dv_t)
-
-    return jax.lax.fori_loop(0, n, one, acc)
-
-
-def _bwd_tile(acc, q, k, v, do, lse, delta, mask, scale):
-    """Gradient contributions of one block of keys; ``acc = (dq_a, dk, dv)`` in float32."""
-    dq, dk, dv = acc
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale
-    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-    dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do.dtype), do, preferred_element_type=F32)
-    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, v, preferred_element_type=F32)
-    ds = p * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), k, preferred_element_type=F32)
-    dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), q, preferred_element_type=F32)
-    return dq, dk, dv
 
 
 def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_name, causal,
@@ -289,51 +209,53 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     b, lq, _, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
     n = jax.lax.axis_size(axis_name)
-    nq, nk = _num_chunks(lq), _num_chunks(lk)
-    qg, dog = _group(q, kvh), _group(dout.astype(q.dtype), kvh)
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32), _group(out, kvh).astype(F32))
-    q_c, do_c = _chunks(qg, nq), _chunks(dog, nq)
-    qp_c, qs_c = _chunks(q_pos, nq), _chunks(q_seg, nq)
-    lse_c, delta_c = _chunks(lse, nq, axis=3), _chunks(delta, nq, axis=3)
-
+    nc = 2 if lq % 2 == 0 else 1
+    zz = _zigzag_ok(causal, lq) and lk == lq
+    qg, dog = group_heads(q, kvh), group_heads(dout.astype(q.dtype), kvh)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32), group_heads(out, kvh).astype(F32))
+    q_c, do_c = chunks(qg, nc), chunks(dog, nc)
+    qp_c, qs_c = chunks(q_pos, nc), chunks(q_seg, nc)
+    lse_c, delta_c = chunks(lse, nc, axis=3), chunks(delta, nc, axis=3)
     refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout)
-    dq0 = _match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
-    dkv0 = _match_vma(
-        ([jnp.zeros((b, lk // nk, kvh, d), F32) for _ in range(nk)],
-         [jnp.zeros((b, lk // nk, kvh, d), F32) for _ in range(nk)]),
-        *refs,
-    )
+    dq = _match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
+    zeros = [jnp.zeros((b, lk // nc, kvh, d), F32) for _ in range(nc)]
+    dkv = _match_vma((zeros, list(zeros)), *refs)
+    early_at = _early(axis_name)
 
-    def step(dq, dkv, kvb):
-        kb, vb, kpb, ksb = kvb
-        k_c, v_c = _chunks(kb, nk), _chunks(vb, nk)
-        kp_c, ks_c = _chunks(kpb, nk), _chunks(ksb, nk)
-        dq, (dk, dv) = list(dq), (list(dkv[0]), list(dkv[1]))
-        for a in range(nq):
-            for c in range(nk):
-                live = _block_live(qp_c[a], qs_c[a], kp_c[c], ks_c[c], causal)
-                dq[a], dk[c], dv[c] = jax.lax.cond(
-                    live,
-                    functools.partial(_bwd_block, q=q_c[a], k=k_c[c], v=v_c[c], do=do_c[a],
-                                      lse=lse_c[a], delta=delta_c[a], q_pos=qp_c[a],
-                                      q_seg=qs_c[a], kv_pos=kp_c[c], kv_seg=ks_c[c],
-                                      causal=causal, scale=scale, key_tile=key_tile),
-                    lambda s: s,
-                    (dq[a], dk[c], dv[c]),
-                )
+    def step(dq, dkv, kvb, pairs):
+        kb, vb, kpb, ksb = (chunks(x, nc) for x in kvb)
+        dk, dv = dkv
+        for a, c in pairs:
+            new = bwd_block((_pick(dq, a), _pick(dk, c), _pick(dv, c)), q=_pick(q_c, a),
+                            k=_pick(kb, c), v=_pick(vb, c), do=_pick(do_c, a),
+                            lse=_pick(lse_c, a), delta=_pick(delta_c, a), q_pos=_pick(qp_c, a),
+                            q_seg=_pick(qs_c, a), kv_pos=_pick(kpb, c), kv_seg=_pick(ksb, c),
+                            causal=causal, scale=scale, key_tile=key_tile)
+            dq, dk, dv = _put(dq, a, new[0]), _put(dk, c, new[1]), _put(dv, c, new[2])
         return dq, (dk, dv)
 
-    def body(_, carry):
-        dq, kvb, dkv = carry
-        dq, dkv = step(dq, dkv, kvb)
-        kvb, dkv = jax.lax.ppermute((kvb, dkv), axis_name, _ring_perm(n))
-        return dq, kvb, dkv
+    def pairs_at(s):
+        if nc == 1:
+            return [(0, 0)]
+        return _pairs(zz, False, early_at(s))
 
     kvb = (k, v, kv_pos, kv_seg)
-    dq, kvb, dkv = jax.lax.fori_loop(0, n - 1, body, (dq0, kvb, dkv0))
-    dq, dkv = step(dq, dkv, kvb)
-    if n > 1:  # one more hop brings each dK/dV block back to the device that owns it
-        dkv = jax.lax.ppermute(dkv, axis_name, _ring_perm(n))
+    if n > 1:
+        nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))   # K/V in flight during step 0
+    dq, dkv = step(dq, dkv, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None))
+    if n > 1:
+        hop = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring_perm(n))
+        dkv = hop(dkv)                                 # dK/dV travel with their K/V
+
+        def body(s, carry):
+            dq, kvb, dkv = carry
+            nxt = hop(kvb)
+            dq, dkv = step(dq, dkv, kvb, pairs_at(s))
+            return dq, nxt, hop(dkv)
+
+        dq, kvb, dkv = jax.lax.fori_loop(1, n - 1, body, (dq, nxt, dkv))
+        dq, dkv = step(dq, dkv, kvb, pairs_at(n - 1))
+        dkv = hop(dkv)                                 # one more hop: each dK/dV block home
     dq = jnp.concatenate(dq, axis=1).reshape(q.shape).astype(q.dtype)
     dk = jnp.concatenate(dkv[0], axis=1).astype(k.dtype)
     dv = jnp.concatenate(dkv[1], axis=1).astype(v.dtype)
@@ -350,7 +272,7 @@ def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_t
 
 
 def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie):
-    out, lse, _ = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale,
+    out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale,
                                 key_tile, tie)
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
@@ -412,14 +334,16 @@ def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_na
                                scale=None, key_tile: int = KEY_TILE):
     """Forward only, for tests / benchmarks: ``(out, lse [B, KVH, G, Lq], computed_blocks)``.
 
-    ``computed_blocks`` (int32 scalar, per device) counts the (query chunk, key chunk) sub-blocks
-    that were not skipped, out of ``n_devices * 2 * 2`` (for even local lengths).
+    ``computed_blocks`` (int32 scalar, per device): the (query chunk, key chunk) sub-blocks the
+    schedule computed, out of ``n_devices * 2 * 2`` (for even local lengths; `num_blocks`).
     """
     _check_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
-    return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale,
-                         int(key_tile), False)
+    out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal),
+                             scale, int(key_tile), False)
+    count = num_blocks(jax.lax.axis_size(axis_name), bool(causal), q.shape[1])
+    return out, lse, _match_vma(jnp.asarray(count, jnp.int32), q)
 
 
 # ----------------------------------------------------------------------------- public

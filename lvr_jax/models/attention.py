@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from sharding.ring_attention import KEY_TILE, ring_attention_fn
 
 TIE_CHOICES = ("auto", "on", "off")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class AttentionOptions:
                    against a prefix shard are [B, G, chunk, H, S_local] float32; decode never chunks)
     tie_positions  the ring's position tie (`sharding.ring_attention._ring_forward`): "on",
                    "off", or "auto" = on except on the CPU backend (where XLA:CPU deadlocked on it)
+    implementation `jax.nn.dot_product_attention`'s for plain attention (the vision tower): "xla",
+                   "cudnn" (fused flash attention, bf16 / fp16 on NVIDIA GPUs), or "auto" (cuDNN
+                   on a GPU backend for bf16 / fp16, else XLA); see `fused_implementation`
     prompt         what-if stand-in for the prompt attention, `f(q, k, v, q_pos, kv_pos, q_seg,
                    kv_seg)`, or None (the memory planner measures everything else with it)
     prefix         what-if stand-in for `prefix_stats`, or None
@@ -46,6 +50,7 @@ class AttentionOptions:
     key_tile: int = KEY_TILE
     query_chunk: int = 256
     tie_positions: str = "auto"
+    implementation: str = "auto"
     prompt: Callable | None = None
     prefix: Callable | None = None
 
@@ -53,6 +58,9 @@ class AttentionOptions:
         if self.tie_positions not in TIE_CHOICES:
             raise ValueError(f"attention.tie_positions must be one of {TIE_CHOICES}, got "
                              f"{self.tie_positions!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention.implementation must be one of {IMPLEMENTATIONS}, got "
+                             f"{self.implementation!r}")
         if self.key_tile < 1 or self.query_chunk < 1:
             raise ValueError(f"attention.key_tile and query_chunk must be >= 1, got "
                              f"{self.key_tile}, {self.query_chunk}")
@@ -62,6 +70,16 @@ class AttentionOptions:
         if self.tie_positions == "auto":
             return jax.default_backend() != "cpu"
         return self.tie_positions == "on"
+
+
+def fused_implementation(choice: str, dtype) -> str:
+    """The `jax.nn.dot_product_attention` implementation for `choice` and a compute dtype: "auto"
+    is cuDNN's fused flash attention on a GPU backend for bf16 / fp16 (what cuDNN takes), else
+    XLA's (which writes the scores out; the CPU path, same contract)."""
+    if choice != "auto":
+        return choice
+    fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if fused else "xla"
 
 
 def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True) -> jax.Array:
@@ -135,9 +153,10 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None):
 def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
                      *, layout, options: AttentionOptions):
     """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] (sharded over the
-    layout's `cache_length` axis); cache [B, G, C, KVH, D] of which entries < `step` are valid.
-    -> [B, G, T, H, D]. Queries run in rematerialised chunks of `options.query_chunk` when T is
-    longer (same result, less memory)."""
+    layout's `cache_length` axis); cache [B, G, C, KVH, D] of which entries < `step` are valid
+    (the sampler writes each step's K/V into it in place afterwards). -> [B, G, T, H, D]. Queries
+    run in rematerialised chunks of `options.query_chunk` when T is longer (same result, less
+    memory)."""
     b, g, t, h, d = q.shape
     kvh = k_new.shape[-2]
     qg = q.reshape(b, g, t, kvh, h // kvh, d)
@@ -152,23 +171,32 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
     else:
         stats = functools.partial(stats_fn, scale=scale)
     c = cache_k.shape[2]
-    keys = jnp.concatenate([cache_k.astype(k_new.dtype), k_new], axis=2)   # [B, G, C+T, KVH, D]
-    vals = jnp.concatenate([cache_v.astype(v_new.dtype), v_new], axis=2)
+
+    def local_stats(qc, k, v, mask):
+        """Softmax partials (max, sum, weighted values) of qc against k, v [B, G, J, KVH, D] under
+        mask [Tc, J]: what `prefix_stats` gives for the prefix."""
+        s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qc, k.astype(qc.dtype),
+                        preferred_element_type=jnp.float32) * scale
+        s2 = jnp.where(mask[:, None, None, :], s2, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.max(s2, axis=-1))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p2 = jnp.exp(s2 - m[..., None])
+        return m, jnp.sum(p2, axis=-1), jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2,
+                                                   v.astype(jnp.float32))
 
     def attend(qc, first):
-        """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ..."""
-        m1, l1, o1 = stats(qc, prefix_k, prefix_v, prefix_valid)
-        j, i = jnp.arange(c + t)[None, :], first + jnp.arange(qc.shape[2])[:, None]
-        own = jnp.where(j < c, j < step, j - c <= i)                         # [Tc, C+T]
-        s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qc, keys,
-                        preferred_element_type=jnp.float32) * scale
-        s2 = jnp.where(own[:, None, None, :], s2, -jnp.inf)
-        m = jnp.maximum(m1, jax.lax.stop_gradient(jnp.max(s2, axis=-1)))
-        w1 = jnp.exp(m1 - m)
-        p2 = jnp.exp(s2 - m[..., None])
-        denom = l1 * w1 + jnp.sum(p2, axis=-1)
-        num = o1 * w1[..., None] + jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2,
-                                              vals.astype(jnp.float32))
+        """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ...: the
+        prefix, the branch's cache (entries < step) and its new tokens (causal), merged by
+        log-sum-exp; the cache is read where it is (no copy per step)."""
+        i = first + jnp.arange(qc.shape[2])[:, None]
+        parts = [stats(qc, prefix_k, prefix_v, prefix_valid)]
+        if c:
+            parts.append(local_stats(qc, cache_k, cache_v, jnp.arange(c)[None, :] < step))
+        parts.append(local_stats(qc, k_new, v_new, jnp.arange(t)[None, :] <= i))
+        m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [p[0] for p in parts]))
+        w = [jnp.exp(p[0] - m) for p in parts]
+        denom = sum(p[1] * wi for p, wi in zip(parts, w))
+        num = sum(p[2] * wi[..., None] for p, wi in zip(parts, w))
         return (num / denom[..., None]).astype(q.dtype)
 
     chunk = options.query_chunk

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lvr_jax.models.attention import fused_implementation
 from lvr_jax.models.layers import layer_norm, param, scan_layers, values
 
 
@@ -26,6 +27,7 @@ class SiglipConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool | str = False
+    attention_impl: str = "auto"   # jax.nn.dot_product_attention's ("auto": cuDNN on GPUs)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -100,7 +102,8 @@ def encoder_layer(cfg: SiglipConfig, p: dict, x):
     q = jnp.einsum("ble,ehd->blhd", h, c("q_kernel")) + c("q_bias")
     k = jnp.einsum("ble,ehd->blhd", h, c("k_kernel")) + c("k_bias")
     v = jnp.einsum("ble,ehd->blhd", h, c("v_kernel")) + c("v_bias")
-    o = jax.nn.dot_product_attention(q, k, v)
+    o = jax.nn.dot_product_attention(q, k, v, implementation=fused_implementation(
+        cfg.attention_impl, cfg.dtype))
     x = x + jnp.einsum("blhd,hde->ble", o, c("o_kernel")) + c("o_bias")
     h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
     h = jax.nn.gelu(h @ c("fc1_kernel") + c("fc1_bias"), approximate=True)

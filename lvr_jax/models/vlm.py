@@ -156,10 +156,11 @@ def vlm_config_from(model_cfg) -> VLMConfig:
     """VLMConfig from a config's `model` section (see configs/common.py)."""
     numerics = dict(dtype=jnp.dtype(model_cfg["dtype"]),
                     param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=model_cfg["remat"])
+    attention = attention_options(model_cfg.get("attention"))
     return VLMConfig(
-        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics,
-                        attention=attention_options(model_cfg.get("attention"))),
-        vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics),
+        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics, attention=attention),
+        vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics,
+                            attention_impl=attention.implementation),
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),
         newline_token_id=int(model_cfg["newline_token_id"]))

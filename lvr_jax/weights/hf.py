@@ -389,9 +389,11 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     llm_dir, vis_dir, proj_dir = (_subfolder(path, n) for n in ("llm", "vision_tower",
                                                                  "mm_projector"))
     dt = _dtypes(dtype, param_dtype)
-    llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention or AttentionOptions(), **dt)
+    attention = attention or AttentionOptions()
+    llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention, **dt)
     stored_vocab = llm_cfg.vocab_size
-    vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat, **dt)
+    vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat,
+                                   attention_impl=attention.implementation, **dt)
     kind = projector_type(path)
     tok = None
     if has_tokenizer(llm_dir):

@@ -1,0 +1,63 @@
+"""The GPU check's CPU smoke run (same code paths, toy sizes) and the GPU launch settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lvr_jax import cli
+from lvr_jax.eval.gpu_check import qwen2_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_check.py"), "--cpu-smoke",
+                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert got["device"]["backend"] == "cpu"
+    for section in ("sub_block", "prefill", "decode", "grpo"):
+        assert "error" not in got[section], got[section]
+    block = got["sub_block"]
+    assert block["fused_implementation"] == "xla"          # CPU: XLA's, same contract
+    assert min(block[f"{k}_s"] for k in ("einsum_forward", "einsum_backward", "fused_forward",
+                                         "fused_forward_backward")) > 0
+    assert got["prefill"]["tflops"] > 0 and got["prefill"]["mfu"] is None   # no CPU peak
+    assert got["decode"]["ms_per_step"] > 0
+    assert set(got["grpo"]["timed"]) == {"encode", "prompts", "rollout", "reference", "update"}
+
+
+def test_qwen2_flops_formula():
+    """Per layer: 2 x tokens x (q, k, v, o, gate, up, down weights) + 4 x tokens^2 x heads x
+    head_dim (halved when causal); plus the head's rows."""
+    class Cfg:
+        hidden_size, intermediate_size, head_dim = 64, 128, 16
+        num_heads, num_kv_heads, num_layers, vocab_size = 4, 2, 3, 100
+
+    t = 10
+    layer = 2 * t * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 4 * t * t * 64
+    assert qwen2_flops(Cfg, t, causal=False, logits=t) == 3 * layer + 2 * t * 64 * 100
+    assert qwen2_flops(Cfg, t) == 3 * (layer - 2 * t * t * 64) + 2 * 64 * 100
+
+
+def test_gpu_settings_add_flags_and_keep_the_users():
+    env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"}
+    added = cli.gpu_settings(env)
+    assert "--xla_gpu_enable_latency_hiding_scheduler" not in added       # the user's wins
+    assert env["XLA_FLAGS"].count("latency_hiding") == 1
+    assert "--xla_gpu_all_reduce_combine_threshold_bytes=268435456" in env["XLA_FLAGS"]
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+    assert cli.gpu_settings(env) == {}                                   # idempotent
+    assert set(cli.GPU_XLA_FLAGS) <= set(added) | {"--xla_gpu_enable_latency_hiding_scheduler"}
+
+
+def test_cuda_plugin_probe_without_jax_platforms(monkeypatch):
+    """Without JAX_PLATFORMS the probe looks for the CUDA plugins; on this CPU-only install (no
+    `jax_plugins` package) it answers False instead of raising ModuleNotFoundError."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert cli.has_cuda_plugin() is False
+    assert cli._module_exists("jax_plugins.xla_cuda13") is False
+    assert cli._module_exists("json") is True
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cli.has_cuda_plugin() is False
