@@ -92,6 +92,9 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
     # GRPO: prompts per rollout (0: batch_size); the rollout's P x G samples are split into
     # rl.ppo_minibatches optimizer steps (P a multiple of it)
     c.data.pipeline.rollout_batch_size = 0
+    # GRPO with a frozen vision tower: SigLIP features cached per clip in this folder ("" = off;
+    # lvr_jax.data.feature_store; fill ahead with launch/cache_features.py, or as steps run)
+    c.data.pipeline.feature_cache = ""
 
     # schedule: "cosine" (linear warmup, cosine decay to final_lr_fraction) or "constant" (linear
     # warmup, then constant; Long-RL's: warmup 0)
@@ -112,7 +115,22 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
         clip_high=0.28, dual_clip=3.0, beta=0.01, loss_agg="token-mean", filter_groups=False,
         recompute_old_logprobs=False, ppo_minibatches=1, reward_style="longrl",
         accuracy_weight=0.9, format_weight=0.1))
-    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=512, batch_size=8, split="val"))
+    # reward_fn: "" = the built-in rl.reward_style rule, else "package.module:function"
+    # (lvr_jax.rl.reward_fns: fn(replies, records); ":free_text" = ROUGE-L for free-text answers,
+    # "lvr_jax.train.judge:judge" = the judge model rl.judge_checkpoint grades them)
+    c.rl.reward_fn = ""
+    c.rl.judge_checkpoint = ""        # VILA-layout folder of the judge (text only, greedy)
+    c.rl.judge_max_new_tokens = 16    # tokens of the judge's verdict ("yes" / "no")
+    # DAPO dynamic sampling (Long-RL: algorithm.online_filtering, off there too; lvr_jax.train.grpo)
+    c.rl.dynamic_sampling = False     # keep groups by the rule below, roll out more until P kept
+    c.rl.dynamic_keep_key = "reward"  # group mean of "reward" (Long-RL's filter_key: overall) or "accuracy"
+    c.rl.dynamic_low = 0.01           # keep when dynamic_low < group mean < dynamic_high
+    c.rl.dynamic_high = 0.99
+    c.rl.dynamic_max_draws = 20       # rollouts per step at most, 1st included (max_try_make_batch)
+    # every: validate during training every N steps and at the last one (0 = off); num_examples:
+    # 0 = the whole split, N = a fixed subset (the same N items each time; lvr_jax.train.validation)
+    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=512, batch_size=8, split="val", every=0,
+                                            num_examples=0))
     c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
     return c
 

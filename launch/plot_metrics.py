@@ -1,4 +1,6 @@
-"""Plot metrics.jsonl files (reward, accuracy, loss curves) into one PNG, and print each curve's
+"""Plot metrics.jsonl files into one PNG: one labelled panel per quantity (SFT loss and token
+accuracy, GRPO reward, accuracy, format rate, KL, reply length, validation accuracy; those with data;
+`lvr_jax.train.metrics.PANELS`), one line per file, each step read once; and print each curve's
 mean over its first and last `--window` steps.
     python launch/plot_metrics.py runs/demo/grpo/metrics.jsonl [more.jsonl] --out=curves.png"""
 

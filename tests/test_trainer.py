@@ -78,6 +78,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_setup, tmp_path):
     resumed = int(out.stdout.split("resumed from checkpoint step ")[1].split()[0])
     assert 8 <= resumed < STEPS
     got = losses(cut)
+    # the rows logged after the step-`resumed` checkpoint by the killed run were dropped on resume
+    assert [json.loads(x)["step"] for x in open(cut / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert (f"dropped {done_before - resumed} rows after step {resumed}" in out.stdout
+            if done_before > resumed else "dropped" not in out.stdout)
     for step in range(resumed + 1, STEPS + 1):
         assert got[step] == want[step], step
 

@@ -8,6 +8,10 @@ processes; with `drop_remainder` every shard has the same length) -> `.repeat(nu
 accounting + batching in the main process. The iterator's `get_state()` / `set_state()` resume
 exactly (worker processes included); `iterator.skipped` counts the records skipped with
 `on_error="skip"` (each one is logged with its reason).
+
+Feature cache (`feature_cache` + `feature_tower`, `lvr_jax.data.feature_store`): a record whose
+vision features are cached is not decoded; its example carries the features instead of the
+frames (`ExampleBuilder`, `collate`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from lvr_jax.data import prompts
+from lvr_jax.data import feature_store, prompts
 from lvr_jax.data.records import Record, RecordError, SkipLog, check_on_error, resolve_video
 from lvr_jax.data.video import Preprocessor, VideoError, read_frames
 
@@ -51,6 +55,9 @@ class DataConfig:
     max_length: int | None = None    # pad token ids to this length; longer prompts are bad records
     system_prompt: str | None = None
     prompt_template: str = prompts.DEFAULT_TEMPLATE  # user turn: "longrl", "instruct" or "..{question}.."
+    feature_cache: str = ""          # folder of cached vision features ("" = off; feature_store)
+    feature_tower: str = ""          # the tower the features must come from (TowerId.encode(); set
+    #                                  by the trainer from the loaded weights; "" = cache not used)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,6 +66,8 @@ class DataConfig:
         if self.batch_size < 1 or self.num_frames < 1:
             raise ValueError("batch_size and num_frames must be >= 1")
         prompts.resolve_template(self.prompt_template)      # ValueError saying what is wrong
+        if self.feature_tower:
+            feature_store.TowerId.decode(self.feature_tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +83,59 @@ class ExampleBuilder:
 
     Keys: frames float32 [T, S, S, 3], frame_indices int32 [T], input_ids int32 [L],
     loss_mask int32 [L] (sft), index int64, problem_id, answer (the record's answer as the reward
-    grades it: "<answer>B</answer>", "B", "3", free text), category (str).
+    grades it: "<answer>B</answer>", "B", "3", free text), category, question (str; the reward
+    functions' records, `lvr_jax.rl.reward_fns`).
+
+    With a feature cache (`cfg.feature_cache` and `cfg.feature_tower` set) also cache_key (str),
+    cache_fields (the key fields, JSON) and cached (bool); a record whose entry is valid is not
+    decoded: its example has features [T, N, C] (the tower's dtype) and the stored frame_indices
+    instead of frames. A stale or corrupt entry is logged and the record decoded as usual.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, preprocessor: Preprocessor):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor
+        self.cache = feature_store.for_pipeline(cfg, preprocessor)
 
     def build(self, rec: Record) -> dict:
         cfg = self.cfg
+        path = resolve_video(cfg.root, rec.video, rec.source, rec.problem_id)
+        cache, entry = self.lookup(path)
+        if entry is None:
+            try:
+                frames, idx = read_frames(path, cfg.num_frames, cfg.fps, short=cfg.short_video,
+                                          threads=cfg.decode_threads, return_indices=True)
+            except VideoError as e:
+                raise RecordError(rec.source, rec.problem_id, f"video {e}") from e
+            ex = {"frames": self.preprocessor(frames), "frame_indices": idx.astype(np.int32)}
+        else:
+            ex = {"features": entry.features, "frame_indices": entry.frame_indices}
+        ids, mask = self.token_ids(rec)
+        ex.update(input_ids=ids, index=np.int64(rec.index), problem_id=rec.problem_id,
+                  answer=rec.answer, category=rec.category, question=rec.question)
+        if mask is not None:
+            ex["loss_mask"] = mask
+        if cache is not None:
+            ex.update(cache_key=cache[0], cache_fields=cache[1], cached=entry is not None)
+        return ex
+
+    def lookup(self, path):
+        """((key, fields JSON), valid entry or None) of the video at `path`; (None, None) without
+        a cache. A file that cannot be hashed is a miss (decoding then says what is wrong)."""
+        if self.cache is None:
+            return None, None
+        store, keys = self.cache
         try:
-            path = resolve_video(cfg.root, rec.video, rec.source, rec.problem_id)
-            frames, idx = read_frames(path, cfg.num_frames, cfg.fps, short=cfg.short_video,
-                                      threads=cfg.decode_threads, return_indices=True)
-        except VideoError as e:
-            raise RecordError(rec.source, rec.problem_id, f"video {e}") from e
-        pixels = self.preprocessor(frames)
+            fields = keys.fields(path)
+        except OSError:
+            return ("", ""), None
+        key = keys.key(fields)
+        return (key, feature_store.canonical(fields)), store.read(key, fields)
+
+    def token_ids(self, rec: Record):
+        """(prompt ids, loss mask or None) of a record; RecordError when it cannot be used."""
+        cfg = self.cfg
         try:
             if cfg.mode == "sft":
                 if not rec.reasoning.strip():
@@ -109,12 +154,7 @@ class ExampleBuilder:
         if cfg.max_length is not None and len(ids) > cfg.max_length:
             raise RecordError(rec.source, rec.problem_id,
                               f"{len(ids)} tokens, more than max_length={cfg.max_length}")
-        ex = {"frames": pixels, "frame_indices": idx.astype(np.int32), "input_ids": ids,
-              "index": np.int64(rec.index), "problem_id": rec.problem_id, "answer": rec.answer,
-              "category": rec.category}
-        if mask is not None:
-            ex["loss_mask"] = mask
-        return ex
+        return ids, mask
 
     def __call__(self, rec: Record) -> dict | Skipped:
         try:
@@ -127,34 +167,51 @@ class ExampleBuilder:
 
 def collate(examples: Sequence[dict], *, pad_id: int, max_length: int | None = None) -> dict:
     """Stack examples: token ids right-padded with `pad_id` (to max_length, else the longest),
-    frames zero-padded to the most frames. Adds attention_mask [B, L], length [B], num_frames [B]."""
+    frames zero-padded to the most frames. Adds attention_mask [B, L], length [B], num_frames [B].
+
+    Cached features (feature cache on): `features` [B, T, N, C] when any example has them,
+    `frames` when any example has frames; in a batch with both (the cache is filling) each row
+    has one of them and zeros in the other, `cached` [B] says which (True: features). Then
+    `lvr_jax.train.features.step_features` encodes the frames and takes the cached rows from the
+    features; an all-features batch is never decoded nor encoded. Also cache_key / cache_fields
+    [B] (str)."""
     lengths = [len(e["input_ids"]) for e in examples]
     width = max_length if max_length is not None else max(lengths)
-    t_max = max(e["frames"].shape[0] for e in examples)
+    clip_len = [len(e["frame_indices"]) for e in examples]
+    t_max = max(clip_len)
     b = len(examples)
     ids = np.full((b, width), pad_id, np.int32)
     attn = np.zeros((b, width), np.int32)
-    frames = np.zeros((b, t_max) + examples[0]["frames"].shape[1:], np.float32)
     frame_idx = np.full((b, t_max), -1, np.int32)
     out = {}
+    for name in ("frames", "features"):
+        have = [e[name] for e in examples if name in e]
+        if have:
+            out[name] = np.zeros((b, t_max) + have[0].shape[1:], have[0].dtype)
     for i, e in enumerate(examples):
-        n, t = lengths[i], e["frames"].shape[0]
+        n, t = lengths[i], clip_len[i]
         ids[i, :n] = e["input_ids"]
         attn[i, :n] = 1
-        frames[i, :t] = e["frames"]
+        for name in ("frames", "features"):
+            if name in e:
+                out[name][i, :t] = e[name]
         frame_idx[i, :t] = e["frame_indices"]
     out.update(input_ids=ids, attention_mask=attn, length=np.asarray(lengths, np.int32),
-               frames=frames, frame_indices=frame_idx,
-               num_frames=np.asarray([e["frames"].shape[0] for e in examples], np.int32),
+               frame_indices=frame_idx, num_frames=np.asarray(clip_len, np.int32),
                index=np.asarray([e["index"] for e in examples], np.int64),
                problem_id=np.asarray([e["problem_id"] for e in examples]),
                answer=np.asarray([e["answer"] for e in examples]),
+               question=np.asarray([e.get("question", "") for e in examples]),
                category=np.asarray([e["category"] for e in examples]))
     if "loss_mask" in examples[0]:
         loss = np.zeros((b, width), np.int32)
         for i, e in enumerate(examples):
             loss[i, :lengths[i]] = e["loss_mask"]
         out["loss_mask"] = loss
+    if "cache_key" in examples[0]:
+        out.update(cached=np.asarray([bool(e["cached"]) for e in examples]),
+                   cache_key=np.asarray([e["cache_key"] for e in examples]),
+                   cache_fields=np.asarray([e["cache_fields"] for e in examples]))
     return out
 
 

@@ -1,107 +1,29 @@
-"""Video QA evaluation: greedy answers, overall and per-category accuracy under every reward style
-(`lvr_jax.rl.rewards.REWARD_STYLES`), one of them (the config's `rl.reward_style`) the headline."""
+"""Video QA evaluation of a checkpoint folder: greedy answers, overall and per-category accuracy under
+every reward style (`lvr_jax.rl.rewards.REWARD_STYLES`), one of them (the config's `rl.reward_style`)
+the headline; the report (`.json` + `.md`).
+
+The model-side code (`evaluate`, `score_item`, `summarize`, `score_replies`) lives in
+`lvr_jax.eval.accuracy`, which imports nothing from `lvr_jax.train`, so the training loop's
+validation (`lvr_jax.train.validation`) runs the very same code; this module imports `train` (config
+plumbing, `validation_batches`) and re-exports those names.
+"""
 
 from __future__ import annotations
 
-import collections
 import json
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from lvr_jax.data.dataset import make_iter_dataset
-from lvr_jax.data.records import load_records
-from lvr_jax.data.video import Preprocessor
-from lvr_jax.models.vlm import encode_batch, make_prompts
-from lvr_jax.rl.rewards import (
-    REWARD_STYLES,
-    accuracy_reward,
-    check_reward_style,
-    extract_answer,
-    format_reward,
-)
-from lvr_jax.rollout.sampler import Sampler, SamplingParams
+from lvr_jax.eval.accuracy import evaluate, score_item, score_replies, summarize
 from lvr_jax.train import settings
 from lvr_jax.train.loop import eta
 from lvr_jax.train.metrics import say
-from sharding.mesh import UNSHARDED, Layout
+from lvr_jax.train.validation import validation_batches
 
-
-def score_item(text, answer, category="unknown", problem_id="", *, reward_style: str = "longrl") -> dict:
-    """One reply scored under every reward style; "correct" / "format" / "predicted" follow the
-    headline `reward_style` ("predicted" is the string that style grades, `extract_answer`)."""
-    headline = check_reward_style(reward_style)
-    correct = {s: bool(accuracy_reward(text, answer, style=s)) for s in REWARD_STYLES}
-    fmt = {s: bool(format_reward(text, style=s)) for s in REWARD_STYLES}
-    return {"problem_id": str(problem_id), "category": str(category), "answer": str(answer),
-            "predicted": extract_answer(text, style=headline), "correct": correct[headline],
-            "correct_by_style": correct, "format": fmt[headline], "format_by_style": fmt,
-            "response": text}
-
-
-def summarize(items: list[dict], *, reward_style: str = "longrl") -> dict:
-    """The result dict of scored items (`score_item`): accuracy overall and per category under every
-    style, the headline style's numbers under the keys that have no style in their name."""
-    headline = check_reward_style(reward_style)
-    n = len(items)
-
-    def rate(rows, key, style):
-        return float(np.mean([r[key][style] for r in rows])) if rows else 0.0
-
-    per_cat = collections.defaultdict(list)
-    for item in items:
-        per_cat[item["category"]].append(item)
-    by_style = {s: rate(items, "correct_by_style", s) for s in REWARD_STYLES}
-    fmt_by_style = {s: rate(items, "format_by_style", s) for s in REWARD_STYLES}
-    categories = {}
-    for cat, rows in sorted(per_cat.items()):
-        acc = {s: rate(rows, "correct_by_style", s) for s in REWARD_STYLES}
-        categories[cat] = {"accuracy": acc[headline], "accuracy_by_style": acc, "n": len(rows)}
-    return {"accuracy": by_style[headline], "reward_style": headline, "accuracy_by_style": by_style,
-            "format_rate": fmt_by_style[headline], "format_rate_by_style": fmt_by_style, "n": n,
-            "per_category": categories, "items": items}
-
-
-def score_replies(texts, answers, categories, problem_ids=None, *, reward_style: str = "longrl") -> dict:
-    """`summarize` of the replies `texts` against the stored `answers` (no model involved)."""
-    problem_ids = range(len(texts)) if problem_ids is None else problem_ids
-    return summarize([score_item(t, a, c, p, reward_style=reward_style)
-                      for t, a, c, p in zip(texts, answers, categories, problem_ids, strict=True)],
-                     reward_style=reward_style)
-
-
-def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_tokens: int = 96,
-             limit: int | None = None, on_batch=None, reward_style: str = "longrl") -> dict:
-    """Greedy-decode every batch of an RL-mode data iterator and score the answers under every
-    reward style, `reward_style` being the headline.
-
-    `on_batch(items_done, items_correct)` (headline style) is called after each batch. Returns
-    `summarize`'s dict: {"accuracy", "reward_style", "accuracy_by_style", "format_rate",
-    "format_rate_by_style", "n", "per_category": {cat: {"accuracy", "accuracy_by_style", "n"}},
-    "items": [...]}; the keys without a style in their name are the headline style's.
-    """
-    reward_style = check_reward_style(reward_style)
-    sampler = Sampler.for_tokenizer(model, layout.mesh, tokenizer, rules=layout.table)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    items = []
-    for batch in batches:
-        feats = encode_batch(model, jnp.asarray(batch["frames"]), layout=layout)
-        x, mask = make_prompts(model, feats, jnp.asarray(batch["input_ids"]),
-                               jnp.asarray(batch["attention_mask"]), layout.pad_multiple)
-        tokens, _, lengths = sampler.generate_padded(x, mask, params)
-        texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
-                                       skip_special_tokens=True)
-        for text, answer, cat, pid in zip(texts, batch["answer"], batch["category"],
-                                          batch["problem_id"]):
-            items.append(score_item(text, answer, cat, pid, reward_style=reward_style))
-        if on_batch is not None:
-            on_batch(len(items), sum(i["correct"] for i in items))
-        if limit is not None and len(items) >= limit:
-            break
-    return summarize(items, reward_style=reward_style)
+__all__ = ["evaluate", "evaluate_checkpoint", "report_markdown", "score_item", "score_replies",
+           "summarize", "write_report"]
 
 
 def report_markdown(result: dict) -> str:
@@ -154,11 +76,8 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     mesh, layout = settings.mesh_and_layout(config)
     model, tok, _ = settings.load_model(config, checkpoint, mesh)
     split = split or config.eval.split
-    dcfg = settings.data_config(config, mode="rl", num_epochs=1, shuffle=False,
-                                drop_remainder=False, batch_size=int(config.eval.batch_size))
-    records = load_records(settings.data_files(config, split), on_error=dcfg.on_error)
-    pre = Preprocessor.from_pretrained(Path(checkpoint) / "vision_tower")
-    batches = iter(make_iter_dataset(records, dcfg, tok, pre, shard_index=0, shard_count=1))
+    records, data = validation_batches(config, tok, Path(checkpoint) / "vision_tower", split=split)
+    batches = iter(data)
     total = len(records) if limit is None else min(limit, len(records))
     t0 = time.perf_counter()
 

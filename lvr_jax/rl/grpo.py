@@ -82,6 +82,21 @@ def filter_groups(rewards: jax.Array, group_size: int, per_sample: bool = False)
     return jnp.repeat(keep, group_size) if per_sample else keep
 
 
+def keep_in_band(scores: jax.Array, group_size: int, low: float, high: float,
+                 per_sample: bool = False) -> jax.Array:
+    """Bool mask of groups whose MEAN score lies strictly between `low` and `high`: `[N // G]`, or
+    `[N]` with per_sample.
+
+    DAPO's dynamic-sampling rule as Long-RL (verl) applies it (`algorithm.online_filtering`,
+    `RayPPOTrainer._make_batch_data`: keep a uid when `filter_low < mean(filter_key) <
+    filter_high`, examples/config.yaml: filter_key "overall", 0.01, 0.99). On accuracy this drops
+    the groups all right or all wrong; on the reward ("overall") it drops only groups at the ends
+    of the reward range and keeps a group of equal middling rewards (zero advantages)."""
+    m = _grouped(scores, group_size).mean(axis=1)
+    keep = (m > low) & (m < high)
+    return jnp.repeat(keep, group_size) if per_sample else keep
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """log softmax(logits)[token] in float32: logits `[..., V]`, tokens `[...]` -> `[...]`.
 

@@ -1,16 +1,19 @@
 """Stage 2, GRPO: one step = encode -> rollout -> rewards -> reference log-probs -> update.
 
 Data flow of `grpo_step` (ARCHITECTURE.md): the clips' vision features are computed once
-(`models.vlm.encode_batch`, frame-parallel) and spliced into left-padded prompts
-(`models.vlm.make_prompts`); the sampler prefills each prompt once and decodes G branches against
-the shared prefix (`rollout.sampler`); rewards and group advantages on the host (`rl.rewards`,
-`rl.grpo`); the frozen reference and the update run the same shared-prefix forward
-(`rl.policy`: prompt once per group, responses as branches) on the cached features.
+(`models.vlm.encode_batch`, frame-parallel; or read from the feature cache, `train.features`)
+and spliced into left-padded prompts (`models.vlm.make_prompts`); the sampler prefills each
+prompt once and decodes G branches against the shared prefix (`rollout.sampler`); rewards and
+group advantages on the host (`rl.reward_fns`, `rl.grpo`; with dynamic sampling, more rollouts
+until P groups pass: `train.rollouts`); the frozen reference and the update run the same
+shared-prefix forward (`rl.policy`: prompt once per group, responses as branches) on those
+features.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import jax
@@ -19,16 +22,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lvr_jax.models.vlm import encode_batch, make_prompts
-from lvr_jax.rl.grpo import filter_groups, group_advantages
+from lvr_jax.rl.grpo import filter_groups
 from lvr_jax.rl.policy import group_logprobs, grpo_step_loss
-from lvr_jax.rl.rewards import batch_rewards
 from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
+from lvr_jax.train.judge import check_reward_fn, run_reward_fn
 from lvr_jax.train.loop import loop
+from lvr_jax.train.rollouts import dynamic_batch, dynamic_metrics, dynamic_sampling, draw_seed, roll_out
 from lvr_jax.train.state import Run, setup
 from sharding.mesh import UNSHARDED
-from sharding.multihost import gather_rows
+
+log = logging.getLogger(__name__)
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "layout"), graph_updates=False)
@@ -107,76 +111,102 @@ def minibatch_order(prompts: int, minibatches: int, seed: int) -> np.ndarray:
     return order.reshape(minibatches, -1).astype(np.int32)
 
 
-def local_rewards(run: Run, batch: dict, tokens, lengths) -> dict:
-    """Rewards of this process's prompts' G responses each, gathered into the whole batch's
-    {"reward", "accuracy", "format"} [B * G] on every process."""
-    rl = run.config.rl
-    index, count = run.shard
-    rows = slice(index * tokens.shape[0] // count, (index + 1) * tokens.shape[0] // count)
-    texts = run.tokenizer.batch_decode([t[:n] for t, n in zip(tokens[rows], lengths[rows])],
-                                       skip_special_tokens=True)
-    scores = batch_rewards(texts, list(batch["answer"]), style=settings.reward_style(run.config),
-                           accuracy_weight=rl.accuracy_weight, format_weight=rl.format_weight)
-    return {k: gather_rows(np.asarray(scores[k]), run.shard) for k in ("reward", "accuracy", "format")}
-
-
 def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
     """Rollout G responses per prompt, score, reference (and old) log-probs, `rl.ppo_minibatches`
     policy updates. Phases are named in profiler traces: encode, prefill, decode (sampler),
-    reward, logprob, update. Update metrics are the mean over the minibatches."""
+    reward, logprob, update. Update metrics are the mean over the minibatches.
+
+    Dynamic sampling (`rl.dynamic_sampling`, DAPO as Long-RL's `online_filtering`): keep the
+    groups whose mean `rl.dynamic_keep_key` score lies strictly between `rl.dynamic_low` and
+    `rl.dynamic_high` (`rl.grpo.keep_in_band`); while fewer than P (prompts per step) are kept
+    and fewer than `rl.dynamic_max_draws` rollouts were made, roll out the next batch of
+    `run.data_iter` (so a checkpoint's data state covers every draw). The update sees exactly P
+    groups: the first P kept in draw order (Long-RL: `batch[:rollout_batch_size * n]`). When the
+    bound stops it short (Long-RL raises instead), the first dropped groups in draw order fill
+    the batch with advantage 0 and loss mask 0, so they add nothing to the loss (policy
+    gradient, KL, token count), as `rl.filter_groups` does; one warning line says so. Advantages
+    are per group, so selection leaves them unchanged; `rl.filter_groups` still applies to the
+    assembled batch.
+
+    Metrics: `reward_mean`, `reward_std`, `accuracy`, `format_rate`, `response_length` and
+    `rollout_tokens_per_s` are over every sample rolled out this step (all draws; Long-RL's
+    `reward/*` metrics are too, its `all_metrics` gathered before filtering), `time_rollout_s`
+    covers every draw, the update metrics the assembled batch. With dynamic
+    sampling also: `draws` (rollouts), `prompts_drawn` (P x draws), `groups_kept` /
+    `groups_dropped` (groups of all draws that pass / fail the rule), `groups_filled` (failing
+    groups in the batch, 0 unless the bound was hit), `draw_bound_hit` (1 when it was), and
+    `batch_reward_mean` / `batch_accuracy` over the P x G samples of the update's batch
+    (Long-RL's `critic/score/mean`)."""
     rl = run.config.rl
     layout = run.layout
     params = settings.sampling_params(run.config)
     loss_settings = settings.grpo_settings(run.config)
     g = params.num_samples
     minibatches = settings.ppo_minibatches(run.config)
-    b = run.device_batch(batch)
+    dyn = dynamic_sampling(run.config)
     t0 = time.perf_counter()
-    with jax.profiler.TraceAnnotation("encode"):
-        feats = encode_batch(run.model, b.pop("frames"), layout=layout)    # frames freed here
-        x, mask = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"],
-                               layout.pad_multiple)
-    seed = int(jax.random.randint(jax.random.fold_in(run.rng, run.step), (), 0, 2**30))
-    tokens, old_lp, lengths = sampler.generate_padded(x, mask, params, seed=seed)
+    seed = draw_seed(run, 0)
+    if dyn is None:
+        roll = roll_out(run, batch, sampler, seed, host_ids=False)
+        seen, extra = [roll], {}
+    else:
+        roll, got, seen = dynamic_batch(run, batch, sampler, dyn, g, seed)
+        extra = dynamic_metrics(run, got, roll)
+        if got.groups_filled:
+            roll.adv = np.where(np.repeat(got.filled, g), 0.0, roll.adv).astype(roll.adv.dtype)
+    if roll.dev is None:                 # an assembled batch: its prompts to the devices
+        index, count = run.shard
+        block = slice(index * roll.ids.shape[0] // count, (index + 1) * roll.ids.shape[0] // count)
+        roll.dev = run.device_batch({"input_ids": roll.ids[block],
+                                     "attention_mask": roll.attn[block]})
+    feats, ids, attn = roll.feats, roll.dev["input_ids"], roll.dev["attention_mask"]
+    tokens, old_lp, lengths, adv = roll.tokens, roll.old_lp, roll.lengths, roll.adv
     with jax.profiler.TraceAnnotation("reward"):
-        scores = local_rewards(run, batch, tokens, lengths)
-        adv = np.asarray(group_advantages(scores["reward"], g))
         resp_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
+        if dyn is not None and got.groups_filled:
+            resp_mask = resp_mask & ~np.repeat(got.filled, g)[:, None]
         if rl.filter_groups:
-            keep = np.asarray(filter_groups(scores["reward"], g, per_sample=True))
+            keep = np.asarray(filter_groups(roll.scores["reward"], g, per_sample=True))
             resp_mask = resp_mask & keep[:, None]
     t_rollout = time.perf_counter() - t0
     responses = tokens.reshape(-1, g, tokens.shape[1])
     with jax.profiler.TraceAnnotation("logprob"):
-        ref_lp = logprobs_under(ref, feats, b["input_ids"], b["attention_mask"], responses,
-                                loss_settings.temperature, layout=layout).reshape(tokens.shape)
+        ref_lp = logprobs_under(ref, feats, ids, attn, responses, loss_settings.temperature,
+                                layout=layout).reshape(tokens.shape)
         old = old_lp
         if rl.recompute_old_logprobs or minibatches > 1:
-            old = logprobs_under(run.model, feats, b["input_ids"], b["attention_mask"], responses,
+            old = logprobs_under(run.model, feats, ids, attn, responses,
                                  loss_settings.temperature, layout=layout).reshape(tokens.shape)
         jax.block_until_ready(ref_lp)
     t_logprob = time.perf_counter() - t0 - t_rollout
     with jax.profiler.TraceAnnotation("update"):
-        steps = ppo_updates(run.model, run.optimizer, feats, b["input_ids"], b["attention_mask"],
-                            responses, resp_mask, old, ref_lp, adv, loss_settings, layout=layout,
-                            minibatches=minibatches, seed=seed + 1)
+        steps = ppo_updates(run.model, run.optimizer, feats, ids, attn, responses, resp_mask, old,
+                            ref_lp, adv, loss_settings, layout=layout, minibatches=minibatches,
+                            seed=seed + 1)
         steps = jax.block_until_ready([{k: m[k] for k in UPDATE_METRICS} for m in steps])
         means = {k: float(np.mean([float(m[k]) for m in steps])) for k in UPDATE_METRICS}
     t_update = time.perf_counter() - t0 - t_rollout - t_logprob
-    n_tok = int(lengths.sum())
+    every = {k: np.concatenate([r.scores[k] for r in seen]) for k in seen[0].scores}
+    all_lengths = np.concatenate([r.lengths for r in seen])
     metrics = {k: means.pop(k) for k in UPDATE_METRICS[:6]}     # the progress line shows 8
     metrics.update(
-        reward_mean=float(scores["reward"].mean()), reward_std=float(scores["reward"].std()),
-        accuracy=float(scores["accuracy"].mean()), format_rate=float(scores["format"].mean()),
-        response_length=float(lengths.mean()), rollout_tokens_per_s=n_tok / max(t_rollout, 1e-9),
-        time_rollout_s=t_rollout, time_logprob_s=t_logprob, time_update_s=t_update, **means)
+        reward_mean=float(every["reward"].mean()), reward_std=float(every["reward"].std()),
+        accuracy=float(every["accuracy"].mean()), format_rate=float(every["format"].mean()),
+        reward_errors=int(every["error"].sum()),
+        response_length=float(all_lengths.mean()),
+        rollout_tokens_per_s=int(all_lengths.sum()) / max(t_rollout, 1e-9),
+        time_rollout_s=t_rollout, time_logprob_s=t_logprob, time_update_s=t_update, **means,
+        **extra)
     return metrics
 
 
 def train_grpo(config, workdir) -> Run:
     """Stage 2: GRPO with a frozen reference model (the initial policy); returns the run."""
     settings.reward_style(config)          # a bad style is a config error before any work
+    dynamic_sampling(config)               # so are bad rl.dynamic_* settings
+    check_reward_fn(config)                # and a reward_fn that does not resolve
     run = setup(config, workdir, mode="rl")
+    run_reward_fn(run)                     # the judge (if any) loads before the first rollout
     ref, _, _ = settings.load_model(config, config.init_checkpoint, run.mesh)
     sampler = Sampler.for_tokenizer(run.model, run.mesh, run.tokenizer,
                                     rules=run.layout.table)

@@ -6,6 +6,11 @@ them was asked to stop (a collective, so every process decides the same), then a
 checkpoint together and exit 0. A step is never cut in half, so the checkpoint always holds a
 whole step (on a cluster, send the signal a step's time before the hard kill, e.g. SLURM
 `--signal=TERM@300`).
+
+Validation (`eval.every` > 0): `train.validation.Validator` answers the validation split greedily
+at every `eval.every`-th step and at the last one, before the step's metrics row is written, so the
+`val_*` keys join that row (one row per step); it keeps the best params in `<workdir>/best/` and
+names them in `<workdir>/best.json` (see `lvr_jax.train.validation`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from lvr_jax.train.metrics import say
 from lvr_jax.train.state import Run, save
+from lvr_jax.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +78,13 @@ def trace_dir(run: Run) -> Path:
 
 
 def loop(run: Run, step_fn, *, what: str) -> list[dict]:
-    """Run `step_fn(run, batch) -> metrics` until train.steps; checkpoint, log, profile."""
+    """Run `step_fn(run, batch) -> metrics` until train.steps; validate, checkpoint, log,
+    profile."""
     cfg = run.config
     total = int(cfg.train.steps)
     prof = cfg.profile
     rows = []
+    validator = Validator.of(run, what) if run.step < total else None
     first, t_start = run.step, time.perf_counter()
     say(f"[{what}] steps {run.step}..{total}: checkpoints every {cfg.train.checkpoint_every} in "
         f"{run.ckpt.directory}, metrics in {run.writer.path}")
@@ -95,6 +103,8 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
                 run.check_finite(metrics)
                 metrics["step_time_s"] = time.perf_counter() - t0
                 metrics["data_skipped"] = getattr(run.data_iter, "skipped", 0)
+                if validator is not None and validator.due(run.step, total):
+                    metrics.update(validator(run))
                 rows.append(run.writer.write(run.step, metrics))
                 if prof.num_steps and run.step == prof.start_step + prof.num_steps:
                     jax.profiler.stop_trace()
@@ -115,5 +125,7 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
                     raise SystemExit(0)
         finally:
             run.ckpt.wait_until_finished()
+            if validator is not None:
+                validator.close()
     say(f"[{what}] done: checkpoints in {run.ckpt.directory}, metrics in {run.writer.path}")
     return rows

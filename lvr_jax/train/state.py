@@ -20,6 +20,7 @@ from lvr_jax.data.records import load_records
 from lvr_jax.data.video import Preprocessor
 from lvr_jax.train import settings
 from lvr_jax.train.checkpoint import Checkpointer
+from lvr_jax.train.features import pipeline_fields
 from lvr_jax.train.metrics import MetricsWriter, say
 from lvr_jax.weights import hf
 from sharding.mesh import Layout
@@ -108,7 +109,8 @@ def replicate_stray_arrays(module, mesh) -> None:
 
 
 # Logical names of the leading dims of the batch fields that go to the devices.
-BATCH_AXES = {"frames": ("batch", "frames"), "input_ids": ("batch",),
+BATCH_AXES = {"frames": ("batch", "frames"), "features": ("batch", "frames"),
+              "input_ids": ("batch",),
               "attention_mask": ("batch",), "loss_mask": ("batch",)}
 
 
@@ -164,7 +166,8 @@ def setup(config, workdir, *, mode: str) -> Run:
     global_batch = settings.prompts_per_step(config, mode)
     shard = batch_rows(mesh, global_batch, layout.table)
     local_batch = global_batch // shard[1]
-    data_cfg = settings.data_config(config, mode=mode, num_epochs=None, batch_size=local_batch)
+    data_cfg = settings.data_config(config, mode=mode, num_epochs=None, batch_size=local_batch,
+                                    **pipeline_fields(config, model, mode))
     train_files = settings.data_files(config, "train")
     records = load_records(train_files, on_error=data_cfg.on_error)
     say(f"[data] {len(records)} training items from {train_files}")
@@ -183,8 +186,12 @@ def setup(config, workdir, *, mode: str) -> Run:
 
 
 def restore(run: Run) -> None:
-    """Resume from the latest complete checkpoint in the workdir, if any."""
+    """Resume from the latest complete checkpoint in the workdir, if any. The metrics of steps
+    after it (logged by a run killed before its next checkpoint, to be redone now) are dropped
+    from metrics.jsonl and TensorBoard (`MetricsWriter.drop_after`), so each step is logged
+    once; `<workdir>/best.json` is kept (`lvr_jax.train.validation`)."""
     if run.ckpt.latest_step() is None:
+        drop_metrics_after(run, 0)
         return
     params = nnx.state(run.model, nnx.Param)
     opt_state = nnx.state(run.optimizer, nnx.optimizer.OptState)
@@ -206,6 +213,15 @@ def restore(run: Run) -> None:
         run.data_iter.set_state(data_state)
     log.info("resumed from %s at step %d", run.ckpt.directory, got.step)
     say(f"[train] resumed from checkpoint step {got.step} in {run.workdir / 'checkpoints'}")
+    drop_metrics_after(run, got.step)
+
+
+def drop_metrics_after(run: Run, step: int) -> None:
+    """Process 0 forgets the metrics logged after `step` (steps the run is about to redo)."""
+    dropped = run.writer.drop_after(step)
+    if dropped:
+        say(f"[train] {run.writer.path}: dropped {dropped} rows after step {step} (logged after "
+            f"the last checkpoint; those steps are redone)")
 
 
 def save(run: Run, *, force: bool = False) -> None:
