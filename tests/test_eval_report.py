@@ -32,6 +32,9 @@ def test_scores_both_styles_with_a_headline():
     assert action["accuracy_by_style"] == pytest.approx({"longrl": 2 / 3, "lenient": 2 / 3})
     assert count["accuracy_by_style"] == pytest.approx({"longrl": 1 / 2, "lenient": 1.0})
     assert action["accuracy"] == pytest.approx(2 / 3) and count["accuracy"] == pytest.approx(1 / 2)
+    assert action["format_rate_by_style"] == pytest.approx({"longrl": 2 / 3, "lenient": 2 / 3})
+    assert count["format_rate_by_style"] == pytest.approx({"longrl": 1 / 2, "lenient": 1 / 2})
+    assert action["format_rate"] == pytest.approx(2 / 3)
     items = res["items"]
     assert [i["correct"] for i in items] == [True, False, True, True, False]
     assert [i["correct_by_style"]["lenient"] for i in items] == [True, True, False, True, True]

@@ -63,6 +63,9 @@ def test_validation_metrics_every_n_steps_and_at_the_end(sft_run):
         assert r["val_accuracy"] == r["val_accuracy_longrl"]         # the demo's reward style
         cats = [k for k in r if k.startswith("val_accuracy/")]
         assert cats and all(0.0 <= r[k] <= 1.0 for k in cats), cats
+        fmts = [k for k in r if k.startswith("val_format_rate/")]
+        assert sorted(k.split("/")[1] for k in fmts) == sorted(k.split("/")[1] for k in cats)
+        assert all(0.0 <= r[k] <= 1.0 for k in fmts), fmts
         assert r["val_time_s"] > 0 and "loss" in r                   # merged into the step's row
     assert all(not any(k.startswith("val_") for k in r) for r in rows if r["step"] not in (3, 6, 7))
     for step in (3, 6, 7):

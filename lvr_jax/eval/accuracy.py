@@ -60,7 +60,10 @@ def summarize(items: list[dict], *, reward_style: str = "longrl") -> dict:
     categories = {}
     for cat, rows in sorted(per_cat.items()):
         acc = {s: rate(rows, "correct_by_style", s) for s in REWARD_STYLES}
-        categories[cat] = {"accuracy": acc[headline], "accuracy_by_style": acc, "n": len(rows)}
+        fmt = {s: rate(rows, "format_by_style", s) for s in REWARD_STYLES}
+        categories[cat] = {"accuracy": acc[headline], "accuracy_by_style": acc,
+                           "format_rate": fmt[headline], "format_rate_by_style": fmt,
+                           "n": len(rows)}
     return {"accuracy": by_style[headline], "reward_style": headline, "accuracy_by_style": by_style,
             "format_rate": fmt_by_style[headline], "format_rate_by_style": fmt_by_style, "n": n,
             "per_category": categories, "items": items}
@@ -95,7 +98,8 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
     stops after the batch that reaches it; `sampler` (default: a new one for `model`) lets a
     caller that evaluates repeatedly (the training loop) reuse the compiled decode. Returns
     `summarize`'s dict: {"accuracy", "reward_style", "accuracy_by_style", "format_rate",
-    "format_rate_by_style", "n", "per_category": {cat: {"accuracy", "accuracy_by_style", "n"}},
+    "format_rate_by_style", "n", "per_category": {cat: {"accuracy", "accuracy_by_style", "format_rate",
+    "format_rate_by_style", "n"}},
     "items": [...]}; the keys without a style in their name are the headline style's.
     """
     reward_style = check_reward_style(reward_style)

@@ -16,7 +16,8 @@ Metrics (`validation_metrics`), merged into the step's row (one row per step in 
 TensorBoard):
   val_accuracy, val_format_rate                   the headline reward style
   val_accuracy_<style>, val_format_rate_<style>   every style of `lvr_jax.rl.rewards.REWARD_STYLES`
-  val_accuracy/<category>                         per problem_type (the records' category), headline
+  val_accuracy/<category>, val_format_rate/<category>
+                                                  per problem_type (the records' category), headline
   val_n, val_time_s                               items scored, seconds the validation took
 
 Best checkpoint (`BestCheckpoint`): a validation whose headline accuracy beats every earlier one of
@@ -99,6 +100,7 @@ def validation_metrics(result: dict) -> dict:
     out.update({f"val_accuracy_{s}": v for s, v in result["accuracy_by_style"].items()})
     out.update({f"val_format_rate_{s}": v for s, v in result["format_rate_by_style"].items()})
     out.update({f"val_accuracy/{c}": r["accuracy"] for c, r in result["per_category"].items()})
+    out.update({f"val_format_rate/{c}": r["format_rate"] for c, r in result["per_category"].items()})
     out["val_n"] = int(result["n"])
     return out
 
