@@ -4,9 +4,9 @@ For each frame count and seq size, compiles (never runs) the prefill of the conf
 8 virtual CPU devices: frame-parallel vision encoding + zigzag ring-attention prefill, returning
 the last position's logits. Reported per device:
   * temp bytes from `compiled.memory_analysis()` (activations; weights are arguments),
-  * FLOPs = non-attention FLOPs from `cost_analysis()` of the same prefill with attention removed
-    (identical on every device) + attention FLOPs of the sub-blocks each device really computes
-    (counted by running the ring's block-skip logic on the real positions / padding),
+  * FLOPs by formula (`lvr_jax.eval.flops`; cost_analysis() counts a scanned layer body once):
+    the device's share of the tower, projector and layer matmuls + attention FLOPs of the
+    sub-blocks each device really computes (the ring's block-skip logic on the real positions),
   * load balance = max / min FLOPs across the seq devices, zigzag vs a contiguous split.
 The seq = 1 baseline is the same ring code on one device; dense attention is shown for reference
 (see `lvr_jax.eval.bench_prefill`). Writes a Markdown table and a PNG. Usage:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvr_jax.eval.flops import qwen2_flops
+
 # device kind (substring, lower case) -> (bf16 dense FLOP/s, HBM bytes/s), vendor figures
 PEAKS = {"h200": (989e12, 4.8e12), "h100": (989e12, 3.35e12), "a100": (312e12, 2.0e12)}
 
@@ -144,16 +146,6 @@ def sub_block(sizes: Sizes) -> dict:
     out["fused_speedup_forward_backward"] = (out["einsum_forward_backward_s"]
                                              / out["fused_forward_backward_s"])
     return out
-
-
-def qwen2_flops(cfg, tokens: int, *, causal: bool = True, logits: int = 1) -> float:
-    """Forward FLOPs of a Qwen2 over one sequence of `tokens` (2 per multiply-add): the layer
-    matmuls, attention (QK^T and PV; half under a causal mask) and `logits` rows of the head."""
-    e, m, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    matmuls = 2.0 * tokens * (e * q + 2 * e * kv + q * e + 3 * e * m)
-    attention = 4.0 * tokens * tokens * q * (0.5 if causal else 1.0)
-    return cfg.num_layers * (matmuls + attention) + 2.0 * logits * e * cfg.vocab_size
 
 
 def _llm(sizes: Sizes):
