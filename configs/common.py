@@ -142,7 +142,7 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
     samples, lr 1e-6, sequence parallel over 8 devices (Long-RL's example script uses 256 frames
     and Ulysses 4); CoT-SFT at lr 1e-5. One prompt per step (its G samples share one prefill),
     gradients accumulated over several steps: launch/plan_memory.py puts one 7B GRPO step at
-    63.4 GiB per device at 512 frames and 75.6 GiB at 1024 (README). Set data.dir and
+    63.4 GiB per device at 512 frames and 75.7 GiB at 1024 (README). Set data.dir and
     init_checkpoint on the command line."""
     stage = check_stage(stage)
     c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1), stage)

@@ -6,8 +6,9 @@ the last position's logits. Reported per device:
   * temp bytes from `compiled.memory_analysis()` (activations; weights are arguments),
   * FLOPs by formula (`lvr_jax.eval.flops`; cost_analysis() counts a scanned layer body once):
     the device's share of the tower, projector and layer matmuls + attention FLOPs of the
-    sub-blocks each device really computes (the ring's block-skip logic on the real positions),
-  * load balance = max / min FLOPs across the seq devices, zigzag vs a contiguous split.
+    sub-blocks each device computes (zigzag ring: 2n+1 of 4n, no conditionals),
+  * load balance = max / min FLOPs across the seq devices, zigzag vs a contiguous split (which
+    the ring cannot run: counted as a ring skipping every fully masked sub-block would).
 The seq = 1 baseline is the same ring code on one device; dense attention is shown for reference
 (see `lvr_jax.eval.bench_prefill`). Writes a Markdown table and a PNG. Usage:
     python launch/bench_mrsp.py --out=runs/bench_mrsp [--frames=16,64,256,1024] [--seq=1,2,4,8]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from configs import demo
@@ -73,3 +74,22 @@ def test_flop_formula_matches_unrolled_cost_analysis():
         for phase in ("encode", "prefill", "reference", "update"):
             assert got[phase] == pytest.approx(want[phase], rel=0.05), (r["mode"], phase)
         assert got["decode"] == pytest.approx(want["decode"] / shape["new_tokens"], rel=0.05)
+
+
+@pytest.mark.parametrize("length,n", [(335, 8), (64, 4), (50, 2)])
+def test_prefill_block_counts(length, n):
+    """bench_mrsp's sub-block counts: the zigzag ring computes 2n+1 of 4n on every device; a
+    contiguous split needs, per device, the sub-blocks with any unmasked (query >= key, both real)
+    pair, counted here on the full [L, L] mask."""
+    from lvr_jax.eval.bench_prefill import computed_blocks
+    from sharding.sequence_parallel import padded_length
+
+    if n == 8:                      # one ring compile is enough
+        assert computed_blocks(length, n, True).tolist() == [2 * n + 1] * n
+    lp = padded_length(length, n)
+    h = lp // (2 * n)
+    pos = np.arange(lp)
+    allowed = (pos[:, None] >= pos[None, :]) & (pos[:, None] < length) & (pos[None, :] < length)
+    blocks = allowed.reshape(2 * n, h, 2 * n, h).any(axis=(1, 3))
+    want = blocks.reshape(n, 2, 2 * n).sum(axis=(1, 2))
+    assert computed_blocks(length, n, False).tolist() == want.tolist()

@@ -12,8 +12,8 @@ dead). Attention is chosen through the model config's `AttentionOptions`:
 FLOPs per device, by formula (`eval.flops`; `cost_analysis()` counts the scanned layer body
 once): the tower + projector on the device's share of the frames (padded to the ring) and the
 LLM layers on its share of the padded tokens, the head at the last position, plus the attention
-sub-blocks each device really computes (`computed_blocks`: the ring's block-skip logic on the
-real positions / padding).
+sub-blocks each device computes (`computed_blocks`: 2n+1 of 4n in the zigzag ring; for a
+contiguous split, the sub-blocks not fully masked).
 """
 
 from __future__ import annotations
@@ -92,9 +92,19 @@ def compile_prefill(cfg, state, frames: int, seq: int, attention: str):
 
 
 def computed_blocks(length: int, n: int, zigzag: bool) -> np.ndarray:
-    """Sub-blocks each of the n devices computes in a causal ring over `length` tokens."""
+    """Sub-blocks (half-chunk x half-chunk, lp / 2n tokens each) each of the n devices computes
+    in a causal ring over `length` tokens. zigzag: what the ring computes, its conditional-free
+    schedule (`ring_attention_local_stats`: 2n+1 of 4n on every device). Contiguous split: what a
+    ring that skipped every fully masked sub-block would compute (the ring cannot run this split;
+    the count shows the imbalance the zigzag order avoids)."""
     lp = padded_length(length, n)
-    pos = zigzag_indices(lp, n) if zigzag else np.arange(lp)
+    if not zigzag:
+        h = lp // (2 * n)
+        starts = np.arange(2 * n) * h
+        last = np.minimum(starts + h, length) - 1          # last real position of each chunk
+        need = (starts[None, :] <= last[:, None]) & (starts[:, None] < length)  # [q chunk, k chunk]
+        return need.reshape(n, 2, 2 * n).sum(axis=(1, 2))
+    pos = zigzag_indices(lp, n)
     seg = np.where(pos < length, 0, -1)
     mesh = make_mesh({"seq": n}, devices=jax.devices()[:n])
     ones = jnp.ones((1, lp, 1, 1), jnp.float32)
