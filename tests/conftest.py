@@ -49,3 +49,20 @@ def vila_dir(tmp_path_factory, vila_parts):
     folder = tmp_path_factory.mktemp("ckpt") / "vila"
     ref.save_vila(folder, *vila_parts, "mlp_downsample_2x2_fix")
     return folder
+
+
+def synthetic_run_inputs(root, *, num_train: int, num_val: int = 0):
+    """A synthetic set of 16-frame 28 px clips in `root/data` and a random tiny VILA checkpoint
+    (the demo's model) in `root/init` whose tokenizer knows the reasoning and prompt templates."""
+    import json
+
+    from configs import demo
+    from lvr_jax.data.prompts import template_corpus
+    from lvr_jax.data.synthetic import generate_dataset
+    from lvr_jax.weights.tiny import make_random_checkpoint
+
+    generate_dataset(root / "data", num_train=num_train, num_val=num_val, num_test=0,
+                     num_frames=16, size=28)
+    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
+    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus + template_corpus())
+    return root

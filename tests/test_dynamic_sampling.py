@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from lvr_jax.data.prompts import template_corpus
 from lvr_jax.rl.grpo import keep_in_band
 from lvr_jax.train.rollouts import (Assembler, Rollout, assemble, dynamic_sampling, merge_rollouts,
                                 select_groups)
 from sharding.mesh import make_mesh
 from sharding.multihost import put_batch
+from tests.conftest import synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 T = True
@@ -159,15 +159,7 @@ def test_merge_keeps_features_sharded_on_the_devices():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A small synthetic set and a random tiny VILA checkpoint with its tokenizer."""
-    from lvr_jax.data.synthetic import generate_dataset
-    from lvr_jax.weights.tiny import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("dynamic")
-    generate_dataset(root / "data", num_train=12, num_val=0, num_test=0, num_frames=16, size=28)
-    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
-    corpus += template_corpus()
-    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
-    return root
+    return synthetic_run_inputs(tmp_path_factory.mktemp("dynamic"), num_train=12)
 
 
 def test_grpo_run_with_dynamic_sampling(tiny_setup, tmp_path):

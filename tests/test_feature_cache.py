@@ -22,7 +22,6 @@ from flax import nnx
 from configs import demo
 from lvr_jax.data import feature_store as fs
 from lvr_jax.data.dataset import make_iter_dataset
-from lvr_jax.data.prompts import template_corpus
 from lvr_jax.data.records import load_records
 from lvr_jax.data.video import Preprocessor
 from lvr_jax.models.vlm import encode_batch
@@ -30,7 +29,7 @@ from lvr_jax.rl.grpo import GRPOSettings
 from lvr_jax.train import features, settings
 from lvr_jax.train.grpo import grpo_update, logprobs_under
 from lvr_jax.train.state import Run, replicate_stray_arrays, trainable_filter
-from tests.conftest import perturb
+from tests.conftest import perturb, synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, BATCH = 4, 4
@@ -40,13 +39,7 @@ FRAMES, BATCH = 4, 4
 def tiny(tmp_path_factory):
     """8 synthetic videos and a random tiny VILA checkpoint, loaded on the demo mesh (fsdp 2 x
     seq 4: frame-parallel encoding)."""
-    from lvr_jax.data.synthetic import generate_dataset
-    from lvr_jax.weights.tiny import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("featcache")
-    generate_dataset(root / "data", num_train=8, num_val=0, num_test=0, num_frames=16, size=28)
-    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
-    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus + template_corpus())
+    root = synthetic_run_inputs(tmp_path_factory.mktemp("featcache"), num_train=8)
     c = config(root, "")
     mesh, layout = settings.mesh_and_layout(c)
     model, tok, _ = settings.load_model(c, c.init_checkpoint, mesh)

@@ -16,10 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import demo
-from lvr_jax.data.prompts import template_corpus
 from lvr_jax.train import state as train_state
 from lvr_jax.train.loop import StopRequest
+from tests.conftest import synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -28,15 +27,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A small synthetic set and a random tiny VILA checkpoint with its tokenizer."""
-    from lvr_jax.data.synthetic import generate_dataset
-    from lvr_jax.weights.tiny import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("train")
-    generate_dataset(root / "data", num_train=12, num_val=0, num_test=0, num_frames=16, size=28)
-    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
-    corpus += template_corpus()
-    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
-    return root
+    return synthetic_run_inputs(tmp_path_factory.mktemp("train"), num_train=12)
 
 
 def sft_cmd(root: Path, workdir: Path):

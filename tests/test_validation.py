@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
-from lvr_jax.data.prompts import template_corpus
 from lvr_jax.rl.rewards import REWARD_STYLES
 from lvr_jax.train.checkpoint import COMMIT_FILE, abstract_like, restore_params
 from lvr_jax.train.metrics import draw, read_metrics
 from lvr_jax.train.validation import BEST_FILE, BestCheckpoint, fixed_subset
+from tests.conftest import synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, NUM = 7, 3, 4
@@ -27,13 +26,7 @@ STEPS, EVERY, NUM = 7, 3, 4
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     """7 CoT-SFT steps of a random tiny VLM, validated at steps 3, 6 and 7 on 4 of 6 items."""
-    from lvr_jax.data.synthetic import generate_dataset
-    from lvr_jax.weights.tiny import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("validation")
-    generate_dataset(root / "data", num_train=6, num_val=6, num_test=0, num_frames=16, size=28)
-    corpus = [json.loads(x)["reasoning"] for x in open(root / "data" / "train.jsonl")]
-    make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus + template_corpus())
+    root = synthetic_run_inputs(tmp_path_factory.mktemp("validation"), num_train=6, num_val=6)
     workdir = root / "sft"
     cmd = [sys.executable, str(ROOT / "launch" / "train_sft.py"),
            f"--config={ROOT / 'configs' / 'demo.py'}:sft", f"--workdir={workdir}",

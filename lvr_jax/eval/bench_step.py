@@ -40,7 +40,6 @@ from collections import defaultdict
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -49,7 +48,7 @@ from lvr_jax.models.vlm import encode_batch, init_vlm, make_prompts
 from lvr_jax.rl.grpo import entropy as token_entropy
 from lvr_jax.rl.grpo import group_advantages, grpo_loss, masked_mean, token_logprobs
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
-from lvr_jax.train.grpo import grpo_update, logprobs_under
+from lvr_jax.train.grpo import grpo_update, logprobs_under, optimizer_step
 from lvr_jax.train.memory_plan import place, sds, shard_bytes
 from lvr_jax.train.state import BATCH_AXES, replicate_stray_arrays
 from sharding.mesh import UNSHARDED, Layout, make_mesh, param_shardings
@@ -147,12 +146,7 @@ def full_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp
         metrics["entropy"] = masked_mean(token_entropy(logits), resp_mask)
         return loss, metrics
 
-    (loss, metrics), grads = nnx.value_and_grad(
-        loss_fn, has_aux=True, argnums=nnx.DiffState(0, optimizer.wrt))(model)
-    optimizer.update(model, grads)
-    metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return metrics
+    return optimizer_step(model, optimizer, loss_fn)
 
 
 @functools.partial(nnx.jit, static_argnames=("layout",), graph_updates=False)

@@ -73,6 +73,12 @@ def grpo_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp
                               None if on_policy else old_lp, ref_lp, adv, settings=settings,
                               layout=layout)
 
+    return optimizer_step(model, optimizer, loss_fn)
+
+
+def optimizer_step(model, optimizer, loss_fn) -> dict:
+    """One update of the optimizer's params (`optimizer.wrt`) along the gradient of
+    `loss_fn(model) -> (loss, metrics)`; returns the metrics with "loss" and "grad_norm"."""
     (loss, metrics), grads = nnx.value_and_grad(
         loss_fn, has_aux=True, argnums=nnx.DiffState(0, optimizer.wrt))(model)
     optimizer.update(model, grads)
