@@ -16,8 +16,9 @@ Key (`EntryKeys.fields`, sha256 of its canonical JSON = the file name):
   plus the features' shape [N, C] and dtype.
 
 File: `<cache_dir>/<key[:2]>/<key>.safetensors`, tensors `features` (the tower's output dtype:
-float32 for the tiny model, bfloat16 for a bf16 model) and `frame_indices` (int32 [T]); metadata:
-`format`, `key`, `fields` (JSON), `crc32` of the tensor bytes. Written atomically (temp file +
+float32 for the tiny model, bfloat16 for a bf16 model, stored as its uint16 bits since
+safetensors' numpy API has no bfloat16) and `frame_indices` (int32 [T]); metadata: `format`,
+`key`, `fields` (JSON), `crc32` of the tensor bytes, `bfloat16_tensors`. Written atomically (temp file +
 rename). `FeatureStore.read` returns None, with a warning, for anything it cannot vouch for: a
 missing, truncated or unparsable file, other metadata or fields, a wrong shape or dtype, a
 checksum mismatch; the caller then computes the features again and overwrites the entry.
@@ -37,6 +38,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,7 @@ FORMAT = "lvr-features-1"
 # Bump when lvr_jax.data.video's sampling changes which frames (num_frames, fps, short) select.
 SAMPLING_VERSION = 1
 FEATURES, INDICES = "features", "frame_indices"
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "I64": "int64"}
-_CODES = {v: k for k, v in _DTYPES.items()}
+BF16_KEY = "bfloat16_tensors"     # metadata: tensors stored as the uint16 bits of bfloat16
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -172,53 +173,34 @@ def canonical(fields: dict) -> str:
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """The safetensors file of `tensors` (any dtype of `_DTYPES`, bfloat16 included, which
-    safetensors.numpy cannot write) with string `metadata`."""
-    header: dict = {"__metadata__": metadata}
-    blobs, offset = [], 0
+    """The safetensors file (`safetensors.numpy.save`) of `tensors` with string `metadata`.
+    safetensors' numpy API has no bfloat16: such tensors are stored as their uint16 bits and
+    named in the metadata's `BF16_KEY` (`parse_safetensors` turns them back)."""
+    stored, bf16 = {}, []
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
-        nbytes = arr.nbytes
-        header[name] = {"dtype": _CODES[arr.dtype.name], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        blobs.append(arr.reshape(-1).view(np.uint8).tobytes())
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+        if arr.dtype == np_dtype("bfloat16"):
+            arr, _ = arr.view(np.uint16), bf16.append(name)
+        stored[name] = arr
+    meta = {**metadata, **({BF16_KEY: ",".join(bf16)} if bf16 else {})}
+    return safetensors.numpy.save(stored, metadata=meta)
 
 
 def parse_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file's bytes; ValueError saying what is wrong
-    (truncated, bad header, offsets outside the file, unknown dtype)."""
-    if len(data) < 8:
-        raise ValueError(f"{len(data)} bytes: no header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError(f"header of {n} bytes in a file of {len(data)} (truncated)")
+    """(tensors, metadata) of a safetensors file's bytes (`safetensors.numpy.load`; the metadata
+    from its JSON header); ValueError saying what is wrong (truncated, unreadable)."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 <= n <= len(data) - 8:
+        raise ValueError(f"{len(data)} bytes, header of {n} (truncated)")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable header ({e})") from e
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
-    body = memoryview(data)[8 + n:]
-    tensors = {}
-    for name, spec in header.items():
-        try:
-            dtype = np_dtype(_DTYPES[spec["dtype"]])
-            shape = tuple(int(s) for s in spec["shape"])
-            start, stop = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"tensor {name!r}: bad header entry {spec!r}") from e
-        if not 0 <= start <= stop <= len(body):
-            raise ValueError(f"tensor {name!r}: bytes {start}..{stop} outside the {len(body)} of "
-                             f"the file's data (truncated)")
-        if stop - start != int(np.prod(shape)) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: {stop - start} bytes for shape {shape} {dtype}")
-        tensors[name] = np.frombuffer(body[start:stop], dtype).reshape(shape)
-    return tensors, meta
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = safetensors.numpy.load(data)
+    except Exception as e:           # SafetensorError, JSON and UTF-8 errors
+        raise ValueError(f"truncated or unreadable ({e})") from e
+    for name in filter(None, str(meta.get(BF16_KEY, "")).split(",")):
+        if name in tensors:
+            tensors[name] = tensors[name].view(np_dtype("bfloat16"))
+    return tensors, {k: v for k, v in meta.items() if k != BF16_KEY}
 
 
 def checksum(tensors: dict[str, np.ndarray]) -> str:
