@@ -40,14 +40,17 @@ def tiny_vision() -> dict:
 
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
-                 dtype="float32", param_dtype="float32", remat=False):
+                 dtype="float32", param_dtype="float32", remat=False, vision_chunk=0):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
-    vision tower's attention implementation ("auto": cuDNN flash attention on GPUs)."""
+    vision tower's attention implementation ("auto": cuDNN flash attention on GPUs).
+    `vision_chunk`: frames per SigLIP micro-batch on each device (0: all its frames at once), so
+    encode memory stops growing with frames per device; the features are the same."""
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
+        vision_chunk=vision_chunk,
         attention=dict(key_tile=512, query_chunk=256, tie_positions="auto",
                        implementation="auto")))
 

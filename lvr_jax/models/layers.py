@@ -108,6 +108,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def map_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """`fn(x)` for a `fn` that treats the rows of x (axis 0) independently, computed `chunk` rows
+    at a time (`jax.lax.map`), so its activations are those of one chunk; x is padded with
+    copies of its last row to a multiple of `chunk`, the padding dropped. `chunk` <= 0 or >= the
+    rows: one call."""
+    t = x.shape[0]
+    if chunk <= 0 or t <= chunk:
+        return fn(x)
+    n = -(-t // chunk)
+    if n * chunk > t:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n * chunk - t, axis=0)])
+    y = jax.lax.map(fn, x.reshape(n, chunk, *x.shape[1:]))
+    return y.reshape(n * chunk, *y.shape[2:])[:t]
+
+
 def scan_layers(layer_fn, stacked, x, *, remat: bool | str = False, num_layers=None):
     """Run `layer_fn(params_i, x) -> (x, y)` over stacked params with one compiled body.
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lvr_jax.models.attention import fused_implementation
-from lvr_jax.models.layers import layer_norm, param, scan_layers, values
+from lvr_jax.models.layers import layer_norm, map_chunks, param, scan_layers, values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class SiglipConfig:
     param_dtype: Any = jnp.float32
     remat: bool | str = False
     attention_impl: str = "auto"   # jax.nn.dot_product_attention's ("auto": cuDNN on GPUs)
+    frame_chunk: int = 0           # images per micro-batch (0: all at once; layers.map_chunks)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -140,7 +141,11 @@ class SiglipVision(nnx.Module):
         return x + self.pos_embed.get_value().astype(cfg.dtype)
 
     def __call__(self, images: jax.Array, *, post_norm: bool = False) -> jax.Array:
-        """Features [B, N, E] = HF hidden_states[feature_layer] (or last_hidden_state if post_norm)."""
+        """Features [B, N, E] = HF hidden_states[feature_layer] (or last_hidden_state if post_norm),
+        `cfg.frame_chunk` images at a time when set (the same values, one chunk's activations)."""
+        return map_chunks(lambda x: self._features(x, post_norm), images, self.cfg.frame_chunk)
+
+    def _features(self, images: jax.Array, post_norm: bool) -> jax.Array:
         cfg = self.cfg
         x = self.embed_patches(images)
         n = cfg.num_layers if post_norm else cfg.layers_run

@@ -160,7 +160,8 @@ def vlm_config_from(model_cfg) -> VLMConfig:
     return VLMConfig(
         llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics, attention=attention),
         vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics,
-                            attention_impl=attention.implementation),
+                            attention_impl=attention.implementation,
+                            frame_chunk=int(model_cfg.get("vision_chunk", 0))),
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),
         newline_token_id=int(model_cfg["newline_token_id"]))

@@ -40,7 +40,8 @@ def load_model(config, checkpoint, mesh, **kw):
     mc = config.model
     return hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(mc.dtype),
                        param_dtype=jnp.dtype(mc.param_dtype), rules=sharding_rules(config),
-                       attention=attention_options(mc.get("attention")), **kw)
+                       attention=attention_options(mc.get("attention")),
+                       vision_chunk=int(mc.get("vision_chunk", 0)), **kw)
 
 
 def data_files(config, split: str) -> str:
