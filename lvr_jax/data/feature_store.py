@@ -33,12 +33,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
+
+from lvr_jax.weights.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ class TowerId:
 class Entry:
     features: np.ndarray       # [T, N, C]
     frame_indices: np.ndarray  # int32 [T]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder + rename (readers see the
-    old file or the whole new one, never part of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FileHashes:

@@ -49,7 +49,7 @@ from lvr_jax.rl.grpo import entropy as token_entropy
 from lvr_jax.rl.grpo import group_advantages, grpo_loss, masked_mean, token_logprobs
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
 from lvr_jax.train.grpo import grpo_update, logprobs_under, optimizer_step
-from lvr_jax.train.memory_plan import place, sds, shard_bytes
+from lvr_jax.train.memory_plan import compiled_outputs, place, sds, shard_bytes
 from lvr_jax.train.state import BATCH_AXES, replicate_stray_arrays
 from sharding.mesh import UNSHARDED, Layout, make_mesh, param_shardings
 from sharding.frame_parallel import vision_features
@@ -170,15 +170,6 @@ def toy_reward(tokens: np.ndarray, lengths: np.ndarray, group: int):
 
 
 # ------------------------------------------------------------------------------ one step
-
-
-def compiled_outputs(compiled):
-    """ShapeDtypeStructs (with shardings) of a compiled function's result (nnx.jit: the result
-    part; as `train.memory_plan`)."""
-    if not hasattr(compiled, "compiled"):
-        return compiled.out_info
-    out = compiled.compiled.out_info
-    return out[0] if type(compiled).__name__ == "SimpleCompiled" else out[2]
 
 
 class Executor:

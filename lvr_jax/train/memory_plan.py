@@ -274,7 +274,7 @@ def _memory(compiled) -> dict:
                 alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes))
 
 
-def _out(compiled):
+def compiled_outputs(compiled):
     """Output ShapeDtypeStructs (with shardings) of a compiled function: the result part of an
     nnx.jit one, whose outputs are (args_state, kwargs_state, result), or (result, updates)
     with graph_updates=False."""
@@ -314,13 +314,14 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
                 f"held {r.held / GIB:6.2f} -> peak {r.peak / GIB:8.2f} GiB  ({dt:.0f}s)")
         return compiled
 
-    feats = _out(record("encode", lambda: encode_batch.lower(plan.model, frames_in, layout=layout)))
+    feats = compiled_outputs(record("encode", lambda: encode_batch.lower(plan.model, frames_in,
+                                                                         layout=layout)))
     held_bytes["feats"] = shard_bytes(feats)
     # Later phases need the shardings of earlier outputs, so the early ones always compile.
     if max(PHASES.index(p) for p in want) < 1:
         return results
-    x, mask = _out(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids, attn,
-                                                                s.multiple)))
+    x, mask = compiled_outputs(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids,
+                                                                            attn, s.multiple)))
     held_bytes["prompt_embeds"] = shard_bytes((x, mask))
     assert x.shape[1] == s.padded_tokens, (x.shape, s)
 
@@ -329,9 +330,9 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
         params = settings.sampling_params(config)
         run_prefill, run_init, run_decode = Sampler(plan.model, mesh, rules=layout.table).compiled(params)
         llm_state = nnx.state(plan.model.llm)
-        prefix = _out(record("prefill", lambda: run_prefill.lower(llm_state, x, mask)))
+        prefix = compiled_outputs(record("prefill", lambda: run_prefill.lower(llm_state, x, mask)))
         if "decode" in want:
-            dstate = _out(run_init.lower(prefix).compile())
+            dstate = compiled_outputs(run_init.lower(prefix).compile())
             keys = sds((s.batch * g,), jax.random.key(0).dtype, mesh)
             record("decode", lambda: run_decode.lower(llm_state, prefix, dstate, keys))
 

@@ -22,6 +22,8 @@ import os
 import jax
 import numpy as np
 
+from lvr_jax.weights.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -85,12 +87,7 @@ class MetricsWriter:
                     continue
                 kept.append(line if line.endswith("\n") else line + "\n")
         if dropped:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(kept).encode())
             if self.tb is not None:
                 self.tb.close()
                 self.tb = self._summary_writer(purge_step=int(step) + 1)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
 from lvr_jax.train.checkpoint import COMMIT_FILE, Checkpointer
 from lvr_jax.train.metrics import say
+from lvr_jax.weights.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ def agreed(flag: bool) -> bool:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class BestCheckpoint:

@@ -125,6 +125,23 @@ def write_tensors(folder: Path, tensors: Iterable[tuple[str, np.ndarray]],
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder + rename (readers see the
+    old file or the whole new one, never part of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def replace_dir(build, target: str | os.PathLike, *, overwrite: bool) -> Path:
     """Run `build(tmp_folder)` then move it to `target`; on failure `target` is untouched."""
     target = Path(target)
