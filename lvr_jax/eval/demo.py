@@ -59,24 +59,31 @@ def check_existing_inputs(data_dir: Path, want: DemoData) -> None:
                              f"{want.sft_items} asks for; use a new --workdir")
 
 
-def write_inputs(data_dir: Path, init: Path, want: DemoData, model_section) -> None:
-    """The synthetic set (once), its CoT-SFT subset, and a random tiny VLM with a BPE tokenizer
-    trained on the set's text (once). One process writes; the others wait."""
+def write_inputs(data_dir: Path, init: Path, want: DemoData, model_section, *,
+                 seed: int = 0) -> None:
+    """The synthetic set (once), its CoT-SFT subset, and a random tiny VLM (`write_init`, once).
+    One process writes; the others wait."""
     from lvr_jax.data.synthetic import generate_dataset
-    from lvr_jax.weights.tiny import make_random_checkpoint
 
     if not (data_dir / "meta.json").exists():
         generate_dataset(data_dir, num_train=want.num_train, num_val=want.num_val, num_test=0,
                          num_frames=want.frames, size=28, seed=0, qtypes=want.qtypes)
-    lines = train_lines(data_dir)
-    (data_dir / "sft.jsonl").write_text(want.sft_subset(lines), encoding="utf-8")
-    corpus = template_corpus()          # the prompt wording: a few tokens each, not one per byte
-    for line in lines:
+    (data_dir / "sft.jsonl").write_text(want.sft_subset(train_lines(data_dir)), encoding="utf-8")
+    write_init(init, model_section, data_dir, seed=seed)
+
+
+def write_init(init: Path, model_section, data_dir: Path, *, seed: int = 0) -> None:
+    """A random tiny VLM (weights from `seed`) with a BPE tokenizer trained on the set's text, so
+    the prompt wording takes a few tokens each, not one per byte; once per folder."""
+    from lvr_jax.weights.tiny import make_random_checkpoint
+
+    corpus = template_corpus()
+    for line in train_lines(data_dir):
         rec = json.loads(line)
         corpus += [rec["problem"], rec["reasoning"]]
     if not (init / "config.json").exists():
-        make_random_checkpoint(model_section, init, corpus=corpus)
-    print(f"random tiny VLM + tokenizer -> {init}", flush=True)
+        make_random_checkpoint(model_section, init, seed=seed, corpus=corpus)
+    print(f"random tiny VLM (seed {seed}) + tokenizer -> {init}", flush=True)
 
 
 def train_stage(train_fn, cfg, work, name: str):
