@@ -40,17 +40,23 @@ def tiny_vision() -> dict:
 
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
-                 dtype="float32", param_dtype="float32", remat=False, vision_chunk=0):
+                 dtype="float32", param_dtype="float32", remat=False, vision_chunk=0,
+                 logits_chunk=0, mlp_chunk=0):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
     vision tower's attention implementation ("auto": cuDNN flash attention on GPUs).
     `vision_chunk`: frames per SigLIP micro-batch on each device (0: all its frames at once), so
-    encode memory stops growing with frames per device; the features are the same."""
+    encode memory stops growing with frames per device; the features are the same.
+    `logits_chunk`: response tokens per chunk of the training log-probs (0: all at once), so the
+    [rows, T, vocab] logits and their gradient never exist at once; the log-probs are the same.
+    `mlp_chunk`: tokens per device per MLP piece (0: all at once), so a long prompt's
+    [tokens, intermediate] MLP activations never exist at once (the update recomputes each piece
+    once more in its backward: one extra MLP forward per layer)."""
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
-        vision_chunk=vision_chunk,
+        vision_chunk=vision_chunk, logits_chunk=logits_chunk, mlp_chunk=mlp_chunk,
         attention=dict(key_tile=512, query_chunk=256, tie_positions="auto",
                        implementation="auto")))
 
@@ -101,9 +107,12 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
 
     # schedule: "cosine" (linear warmup, cosine decay to final_lr_fraction) or "constant" (linear
     # warmup, then constant; Long-RL's: warmup 0)
+    # mu_dtype: storage of Adam's first moment ("": the params'; "bfloat16" halves it; the second
+    # moment stays in the params' dtype: its small values would underflow bf16's mantissa)
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, schedule="cosine", warmup_steps=10,
                                              final_lr_fraction=0.1, b1=0.9, b2=0.98,
-                                             weight_decay=0.0, grad_clip=1.0, grad_accum_steps=1))
+                                             weight_decay=0.0, grad_clip=1.0, grad_accum_steps=1,
+                                             mu_dtype=""))
     # frozen towers get no gradients; Long-RL freezes the vision tower and the projector in RL
     c.train = ml_collections.ConfigDict(dict(steps=1000, seed=0, log_every=10,
                                              checkpoint_every=100, keep_checkpoints=2,
@@ -122,6 +131,9 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
     # (lvr_jax.rl.reward_fns: fn(replies, records); ":free_text" = ROUGE-L for free-text answers,
     # "lvr_jax.train.judge:judge" = the judge model rl.judge_checkpoint grades them)
     c.rl.reward_fn = ""
+    # the frozen reference model's stored params: "" = model.param_dtype, "bfloat16" halves them
+    # (as verl's bf16 reference; its log-probs within tests/test_reference_dtype.py's tolerance)
+    c.rl.reference_dtype = ""
     c.rl.judge_checkpoint = ""        # VILA-layout folder of the judge (text only, greedy)
     c.rl.judge_max_new_tokens = 16    # tokens of the judge's verdict ("yes" / "no")
     # DAPO dynamic sampling (Long-RL: algorithm.online_filtering, off there too; lvr_jax.train.grpo)
@@ -172,5 +184,8 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
                        grad_accum_steps=4)
         c.train.steps = 2000
         c.rl.update(group_size=8, max_new_tokens=2048, top_p=0.99, clip_high=0.3, beta=0.01)
+        # Long-RL keeps its reference model in bf16 (verl/workers/fsdp_workers.py: torch_dtype
+        # float32 unless role == "ref")
+        c.rl.reference_dtype = "bfloat16"
         c.eval.max_new_tokens = 2048
     return c

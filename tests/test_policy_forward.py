@@ -39,9 +39,9 @@ def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
                                          ({"seq": 4, "data": -1}, 3)])
 def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
     cfg = vlm_config_from(tiny.get_config().model)
-    if chunk:   # T - 1 = 4 teacher-forced queries in chunks of 3 (one padded chunk)
+    if chunk:   # T - 1 = 4 teacher-forced queries, and their logits, in chunks of 3 (one padded)
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
-            cfg.llm, attention=AttentionOptions(query_chunk=chunk)))
+            cfg.llm, attention=AttentionOptions(query_chunk=chunk), logits_chunk=chunk))
     model = perturb(init_vlm(cfg, 2), seed=9, scale=0.2)
     llm = model.llm
     rng = np.random.default_rng(3)
@@ -71,3 +71,39 @@ def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
     for a, b in zip(flat_got, flat_want):
         assert rel_err(a, b) < 1e-4
     assert sum(float(jnp.abs(x).sum()) for x in flat_want) > 0
+
+
+def test_chunked_logprobs_and_entropy_equal_one_call_and_never_hold_all_logits():
+    """`logits_chunk`: the same log-probs, entropy and gradients as one head call, and the
+    compiled backward's temporaries shrink by most of the [B, G, T, V] float32 logits."""
+    cfg = vlm_config_from(tiny.get_config().model)
+    t, vocab = 48, cfg.llm.vocab_size
+    rng = np.random.default_rng(5)
+    responses = jnp.asarray(rng.integers(0, 512, (B, G, t)))
+    weights = jnp.asarray(rng.normal(size=(B, G, t)), jnp.float32)
+
+    def run(chunk):
+        llm = perturb(init_vlm(dataclasses.replace(cfg, llm=dataclasses.replace(
+            cfg.llm, logits_chunk=chunk)), 2), seed=9, scale=0.2).llm
+        prompts = [llm.embed_tokens(jnp.asarray(rng.integers(0, 512, n))) for n in (7, 12)]
+        embeds, mask = left_pad(prompts)
+        graphdef, state = nnx.split(llm)
+
+        def f(st):
+            lp, ent = response_logprobs(nnx.merge(graphdef, st), embeds, mask, responses,
+                                        temperature=0.7, with_entropy=True)
+            return jnp.sum(lp * weights) + jnp.sum(ent * weights[..., ::-1]), (lp, ent)
+
+        step = jax.jit(jax.value_and_grad(f, has_aux=True))
+        temp = step.lower(state).compile().memory_analysis().temp_size_in_bytes
+        return step(state), temp
+
+    rng_state = rng.bit_generator.state
+    ((_, (lp, ent)), grads), temp = run(0)
+    rng.bit_generator.state = rng_state          # the same prompts for the chunked run
+    ((_, (lp_c, ent_c)), grads_c), temp_c = run(5)   # 47 tokens: 10 chunks, the last padded
+    assert rel_err(lp_c, lp) < 1e-5 and rel_err(ent_c, ent) < 1e-5
+    for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads)):
+        assert rel_err(a, b) < 1e-4
+    logits_bytes = B * G * (t - 1) * vocab * 4
+    assert temp - temp_c > 0.5 * logits_bytes, (temp, temp_c, logits_bytes)

@@ -124,7 +124,7 @@ def decode_flops(cfg, rows: int, prefix: int, steps: int, chunk: int) -> float:
 
 def shared_forward(cfg, prompts: int, group: int, length: int, t: int, attention: tuple,
                    chunk: int) -> dict:
-    """`rl.policy.response_logits`: prefill once per prompt, G branches of t - 1 tokens through
+    """`rl.policy.response_logprobs`: prefill once per prompt, G branches of t - 1 tokens through
     `extend`, head on them. Returns {"matmul", "prompt_attn", "branch_attn", "head"}."""
     rows = prompts * group * (t - 1)
     return {"matmul": layer_flops(cfg, prompts * length + rows),

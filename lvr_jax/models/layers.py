@@ -108,19 +108,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def map_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
-    """`fn(x)` for a `fn` that treats the rows of x (axis 0) independently, computed `chunk` rows
-    at a time (`jax.lax.map`), so its activations are those of one chunk; x is padded with
-    copies of its last row to a multiple of `chunk`, the padding dropped. `chunk` <= 0 or >= the
-    rows: one call."""
-    t = x.shape[0]
+def map_chunks(fn, x, chunk: int, *, remat: bool = False):
+    """`fn(x)` for a `fn` that treats the rows of x (axis 0; x an array or a pytree of arrays with
+    the same rows) independently, computed `chunk` rows at a time (`jax.lax.map`), so its
+    activations are those of one chunk; x is padded with copies of its last row to a multiple of
+    `chunk`, the padding dropped. `remat`: the backward recomputes each chunk (`jax.checkpoint`)
+    instead of keeping every chunk's activations. `chunk` <= 0 or >= the rows: one call."""
+    t = jax.tree.leaves(x)[0].shape[0]
     if chunk <= 0 or t <= chunk:
         return fn(x)
     n = -(-t // chunk)
     if n * chunk > t:
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], n * chunk - t, axis=0)])
-    y = jax.lax.map(fn, x.reshape(n, chunk, *x.shape[1:]))
-    return y.reshape(n * chunk, *y.shape[2:])[:t]
+        x = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n * chunk - t, axis=0)]),
+                         x)
+    y = jax.lax.map(jax.checkpoint(fn) if remat else fn,
+                    jax.tree.map(lambda a: a.reshape(n, chunk, *a.shape[1:]), x))
+    return jax.tree.map(lambda a: a.reshape(n * chunk, *a.shape[2:])[:t], y)
 
 
 def scan_layers(layer_fn, stacked, x, *, remat: bool | str = False, num_layers=None):

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx, struct
 
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
-from lvr_jax.models.layers import ROPE_SCALING_TYPES
-from lvr_jax.models.layers import apply_rope, param, rms_norm, rope_cos_sin, scan_layers, values
+from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, map_chunks, param, rms_norm,
+                                   rope_cos_sin, scan_layers, values)
 from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
 
@@ -46,6 +46,8 @@ class Qwen2Config:
     param_dtype: Any = jnp.float32
     remat: bool | str = False
     attention: AttentionOptions = AttentionOptions()
+    logits_chunk: int = 0           # tokens per chunk of `Qwen2.head_map` (0: all at once)
+    mlp_chunk: int = 0              # tokens per device per MLP piece (`mlp_pieces`; 0: one piece)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -142,8 +144,39 @@ class Qwen2Layers(nnx.Module):
         self.down_kernel = p((m, e), ("mlp", "embed"))
 
 
-def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend):
-    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
+def mlp_pieces(cfg: Qwen2Config, local_tokens: int) -> int:
+    """How many pieces `decoder_layer` splits each device's `local_tokens` into for the MLP: the
+    fewest that divide them with at most `cfg.mlp_chunk` tokens each (1 when off or enough)."""
+    if cfg.mlp_chunk <= 0 or local_tokens <= cfg.mlp_chunk:
+        return 1
+    n = -(-local_tokens // cfg.mlp_chunk)
+    while local_tokens % n:
+        n += 1
+    return n
+
+
+def mlp(cfg: Qwen2Config, p: dict, x, pieces: int = 1):
+    """The post-attention norm + SwiGLU MLP of x [N, L, E]. With `pieces` > 1 the tokens run in
+    that many strided pieces (token i in piece i % pieces: each piece holds 1 / pieces of every
+    device's tokens when L is sharded in equal blocks), one at a time and recomputed piece by piece
+    in the backward, so the [N, L, intermediate] activations never exist at once."""
+    c = lambda name: p[name].astype(cfg.dtype)  # noqa: E731
+
+    def run(h):
+        h = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
+        return (jax.nn.silu(h @ c("gate_kernel")) * (h @ c("up_kernel"))) @ c("down_kernel")
+
+    if pieces <= 1:
+        return run(x)
+    n, length, e = x.shape
+    strided = jnp.moveaxis(x.reshape(n, length // pieces, pieces, e), 2, 0)
+    out = jax.lax.map(jax.checkpoint(run), strided)
+    return jnp.moveaxis(out, 0, 2).reshape(n, length, e)
+
+
+def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 1):
+    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v).
+    `pieces`: the MLP's token pieces (`mlp`)."""
     c = lambda name: p[name].astype(cfg.dtype)
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("ble,ehd->blhd", h, c("q_kernel")) + c("q_bias")
@@ -152,9 +185,7 @@ def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = attend(q, k, v)
     x = x + jnp.einsum("blhd,hde->ble", o, c("o_kernel"))
-    h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(h @ c("gate_kernel")) * (h @ c("up_kernel"))
-    return x + mlp @ c("down_kernel"), (k, v)
+    return x + mlp(cfg, p, x, pieces), (k, v)
 
 
 @struct.dataclass
@@ -194,18 +225,40 @@ class Qwen2(nnx.Module):
         return jnp.einsum("...e,ev->...v", h, w.astype(self.cfg.dtype),
                           preferred_element_type=jnp.float32)
 
-    def _stack(self, x, positions, attend, per_layer=()):
+    def head_map(self, fn, hidden: jax.Array, *per_token: jax.Array):
+        """`fn(logits [..., Tc, V], *per_token chunks [..., Tc])` -> per-token arrays [..., Tc],
+        over the head's logits of hidden [..., T, E], `cfg.logits_chunk` tokens at a time and
+        recomputed chunk by chunk in the backward, so the [..., T, V] logits (and their gradient)
+        never exist at once; 0: one call. Returns fn's outputs reassembled to [..., T]."""
+        chunk, t = self.cfg.logits_chunk, hidden.shape[-2]
+        if chunk <= 0 or t <= chunk:
+            return fn(self.head(hidden), *per_token)
+
+        def piece(xs):
+            h, *rest = xs
+            out = fn(self.head(jnp.moveaxis(h, 0, -2)), *(jnp.moveaxis(a, 0, -1) for a in rest))
+            return jax.tree.map(lambda a: jnp.moveaxis(a, -1, 0), out)
+
+        xs = (jnp.moveaxis(hidden, -2, 0), *(jnp.moveaxis(a, -1, 0) for a in per_token))
+        return jax.tree.map(lambda a: jnp.moveaxis(a, 0, -1),
+                            map_chunks(piece, xs, chunk, remat=True))
+
+    def _stack(self, x, positions, attend, per_layer=(), devices: int = 1):
         """The one layer stack: `decoder_layer` scanned over the stacked params (remat per config).
-        x [N, L, E] at positions [N, L]; `attend(q, k, v, *per_layer_i)` gets this layer's slice
-        of every `per_layer` array (leading axis: layers). Returns (x, per-layer (k, v))."""
+        x [N, L, E] at positions [N, L], L split over `devices` in equal blocks (the MLP pieces
+        count a device's tokens); `attend(q, k, v, *per_layer_i)` gets this layer's slice of
+        every `per_layer` array (leading axis: layers). Returns (x, per-layer (k, v))."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
                                 scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
                                 original_max=cfg.max_position_embeddings)
 
+        pieces = mlp_pieces(cfg, x.shape[1] // devices)
+
         def layer(xs, x):
             p, extra = xs
-            return decoder_layer(cfg, p, x, cos, sin, lambda q, k, v: attend(q, k, v, *extra))
+            return decoder_layer(cfg, p, x, cos, sin, lambda q, k, v: attend(q, k, v, *extra),
+                                 pieces)
 
         stacked = (values(self.layers, LAYER_PARAMS), tuple(per_layer))
         return scan_layers(layer, stacked, x.astype(cfg.dtype), remat=cfg.remat)
@@ -220,7 +273,8 @@ class Qwen2(nnx.Module):
             x, positions, seg, where = shard_sequence(layout, x, positions, seg)
         attend = prompt_attention(layout, self.cfg.attention)
         hidden, kv = self._stack(x, positions,
-                                 lambda q, k, v: attend(q, k, v, positions, positions, seg, seg))
+                                 lambda q, k, v: attend(q, k, v, positions, positions, seg, seg),
+                                 devices=layout.size("length"))
         return hidden, kv, seg, where
 
     def __call__(self, input_embeds: jax.Array, positions: jax.Array, *,

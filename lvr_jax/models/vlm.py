@@ -152,13 +152,20 @@ def attention_options(section) -> AttentionOptions:
     return AttentionOptions(**dict(section or {}))
 
 
+def llm_chunks(model_cfg) -> dict:
+    """The LLM's memory knobs from a config's `model` section: `Qwen2Config.logits_chunk` and
+    `mlp_chunk` (absent: 0, off)."""
+    return {k: int(model_cfg.get(k, 0)) for k in ("logits_chunk", "mlp_chunk")}
+
+
 def vlm_config_from(model_cfg) -> VLMConfig:
     """VLMConfig from a config's `model` section (see configs/common.py)."""
     numerics = dict(dtype=jnp.dtype(model_cfg["dtype"]),
                     param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=model_cfg["remat"])
     attention = attention_options(model_cfg.get("attention"))
     return VLMConfig(
-        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics, attention=attention),
+        llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics, attention=attention,
+                        **llm_chunks(model_cfg)),
         vision=SiglipConfig(**dict(model_cfg["vision"]), **numerics,
                             attention_impl=attention.implementation,
                             frame_chunk=int(model_cfg.get("vision_chunk", 0))),

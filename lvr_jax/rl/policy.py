@@ -15,27 +15,25 @@ from lvr_jax.rl.grpo import grpo_loss, masked_mean, token_logprobs
 from sharding.mesh import UNSHARDED, Layout
 
 
-def response_logits(llm, prompt_embeds, prompt_mask, responses, *, layout: Layout = UNSHARDED):
-    """Logits [B, G, T, V] predicting responses [B, G, T] after left-padded prompts [B, Lp, E]."""
-    prefix = llm.prefill(prompt_embeds, prompt_mask, layout=layout)
-    b, g, t = responses.shape
-    first = jnp.broadcast_to(prefix.logits[:, None, None], (b, g, 1, prefix.logits.shape[-1]))
-    if t == 1:
-        return first
-    hidden, _ = llm.extend(prefix, responses[:, :, :-1], layout=layout)
-    return jnp.concatenate([first, llm.head(hidden)], axis=2)
-
-
 def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature: float = 1.0,
                       layout: Layout = UNSHARDED, with_entropy: bool = False):
     """log p(response token) [B, G, T] (float32) at the sampling temperature; optionally also
-    the per-token entropy [B, G, T]."""
-    logits = response_logits(llm, prompt_embeds, prompt_mask, responses, layout=layout)
-    logits = logits.astype(jnp.float32) / temperature
-    lp = token_logprobs(logits, responses)
-    if not with_entropy:
-        return lp
-    return lp, token_entropy(logits)
+    the per-token entropy [B, G, T]. The head's logits are taken `llm.cfg.logits_chunk` tokens
+    at a time (`Qwen2.head_map`): never [B, G, T, V] at once, in the forward or the backward."""
+    def stats(logits, tokens):
+        logits = logits.astype(jnp.float32) / temperature
+        lp = token_logprobs(logits, tokens)
+        return (lp, token_entropy(logits)) if with_entropy else (lp,)
+
+    prefix = llm.prefill(prompt_embeds, prompt_mask, layout=layout)
+    b, g, t = responses.shape
+    first = stats(jnp.broadcast_to(prefix.logits[:, None, None], (b, g, 1, prefix.logits.shape[-1])),
+                  responses[:, :, :1])
+    if t > 1:
+        hidden, _ = llm.extend(prefix, responses[:, :, :-1], layout=layout)
+        rest = llm.head_map(stats, hidden, responses[:, :, 1:])
+        first = tuple(jnp.concatenate([a, r], axis=2) for a, r in zip(first, rest))
+    return first if with_entropy else first[0]
 
 
 def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,

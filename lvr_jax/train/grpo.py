@@ -211,9 +211,11 @@ def train_grpo(config, workdir) -> Run:
     settings.reward_style(config)          # a bad style is a config error before any work
     dynamic_sampling(config)               # so are bad rl.dynamic_* settings
     check_reward_fn(config)                # and a reward_fn that does not resolve
+    ref_dtype = settings.reference_dtype(config)   # and a bad rl.reference_dtype
     run = setup(config, workdir, mode="rl")
     run_reward_fn(run)                     # the judge (if any) loads before the first rollout
-    ref, _, _ = settings.load_model(config, config.init_checkpoint, run.mesh)
+    ref, _, _ = settings.load_model(config, config.init_checkpoint, run.mesh,
+                                    param_dtype=ref_dtype)
     sampler = Sampler.for_tokenizer(run.model, run.mesh, run.tokenizer,
                                     rules=run.layout.table)
     loop(run, lambda r, b: grpo_step(r, b, ref, sampler), what="grpo")

@@ -218,9 +218,11 @@ class Plan:
             return model, nnx.Optimizer(model, tx, wrt=wrt)
 
         model, optimizer = nnx.eval_shape(policy)
-        # the trainer loads the reference with settings.load_model (remat off, same dtypes)
-        ref_cfg = planned_config(vlm_config_from({**dict(config.model), "remat": False}),
-                                 stand_ins)
+        # the trainer loads the reference with settings.load_model (remat off, stored in
+        # rl.reference_dtype)
+        ref_dtype = settings.reference_dtype(config) or config.model.param_dtype
+        ref_cfg = planned_config(vlm_config_from({**dict(config.model), "remat": False,
+                                                  "param_dtype": str(ref_dtype)}), stand_ins)
         ref = nnx.eval_shape(lambda: VLM(ref_cfg, rngs=nnx.Rngs(0)))
         for m in (model, optimizer, ref):
             place(m, mesh, layout.table)

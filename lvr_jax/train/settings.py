@@ -9,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from lvr_jax.data.dataset import DataConfig
-from lvr_jax.models.vlm import attention_options
+from lvr_jax.models.vlm import attention_options, llm_chunks
 from lvr_jax.rl.grpo import GRPOSettings
 from lvr_jax.rollout.sampler import SamplingParams
 from lvr_jax.weights import hf
@@ -34,14 +34,16 @@ def mesh_and_layout(config):
     return mesh, Layout.of(mesh, sharding_rules(config))
 
 
-def load_model(config, checkpoint, mesh, **kw):
-    """`hf.load_vlm` of a VILA folder with the config's dtypes, attention options and sharding
-    rules; returns (model, tokenizer, VLMConfig)."""
+def load_model(config, checkpoint, mesh, *, param_dtype=None, **kw):
+    """`hf.load_vlm` of a VILA folder with the config's dtypes (`param_dtype` overrides the stored
+    one), attention options and sharding rules; returns (model, tokenizer, VLMConfig)."""
     mc = config.model
     return hf.load_vlm(checkpoint, mesh=mesh, dtype=jnp.dtype(mc.dtype),
-                       param_dtype=jnp.dtype(mc.param_dtype), rules=sharding_rules(config),
+                       param_dtype=jnp.dtype(param_dtype or mc.param_dtype),
+                       rules=sharding_rules(config),
                        attention=attention_options(mc.get("attention")),
-                       vision_chunk=int(mc.get("vision_chunk", 0)), **kw)
+                       vision_chunk=int(mc.get("vision_chunk", 0)),
+                       llm_chunks=llm_chunks(mc), **kw)
 
 
 def data_files(config, split: str) -> str:
@@ -95,6 +97,24 @@ def grpo_settings(config) -> GRPOSettings:
     """The GRPO loss settings of the `rl` section (`dual_clip` 0: off)."""
     return from_fields(GRPOSettings, config.rl, dual_clip=float(config.rl.get("dual_clip", 0.0))
                        or None)
+
+
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+def storage_dtype(value, what: str):
+    """A stored-array dtype setting: "" -> None (the default), else one of STORAGE_DTYPES;
+    ValueError naming the setting `what`."""
+    if not value:
+        return None
+    if str(value) not in STORAGE_DTYPES:
+        raise ValueError(f"{what} must be one of {STORAGE_DTYPES} or \"\" (default), got {value!r}")
+    return jnp.dtype(str(value))
+
+
+def reference_dtype(config):
+    """`rl.reference_dtype`, checked: the frozen reference's stored dtype (None: the model's)."""
+    return storage_dtype(config.rl.get("reference_dtype", ""), "rl.reference_dtype")
 
 
 def reward_style(config) -> str:

@@ -59,9 +59,10 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     (and `warmup_steps`) counts optimizer updates, one per k calls."""
     updates = max(1, total_steps // max(1, optim.grad_accum_steps))
     schedule = learning_rate(optim, updates)
+    mu_dtype = settings.storage_dtype(optim.get("mu_dtype", ""), "optim.mu_dtype")
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
-                                 weight_decay=optim.weight_decay))
+                                 weight_decay=optim.weight_decay, mu_dtype=mu_dtype))
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1 << 30)
     if optim.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum_steps)

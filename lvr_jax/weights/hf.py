@@ -370,13 +370,15 @@ def newline_id(tokenizer) -> int:
 
 
 def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
-             attention: AttentionOptions | None = None, vision_chunk: int = 0):
+             attention: AttentionOptions | None = None, vision_chunk: int = 0,
+             llm_chunks: dict | None = None):
     """Load a VILA-layout checkpoint folder -> (VLM, tokenizer, VLMConfig).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (default float32). With a mesh,
     every param is placed by its logical axis names (rules: `sharding.mesh.DEFAULT_RULES`).
     `attention`: the LLM's attention options (compiled-program knobs; default the defaults).
     `vision_chunk`: images per SigLIP micro-batch (0: all at once; `SiglipConfig.frame_chunk`).
+    `llm_chunks`: the LLM's memory knobs (`Qwen2Config.logits_chunk`, `mlp_chunk`; default 0).
     Media tokens missing from the tokenizer are added; when they do not fit the LLM embedding,
     it (and an untied lm_head) grows to len(tokenizer), new rows the mean of the old ones, and
     the returned config's vocab_size follows (`fit_vocab`; `save_hf` writes the grown size).
@@ -391,7 +393,7 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
                                                                  "mm_projector"))
     dt = _dtypes(dtype, param_dtype)
     attention = attention or AttentionOptions()
-    llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention, **dt)
+    llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention, **(llm_chunks or {}), **dt)
     stored_vocab = llm_cfg.vocab_size
     vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat,
                                    attention_impl=attention.implementation,

@@ -1,0 +1,78 @@
+"""`model.mlp_chunk`: the MLP of a long prompt in strided token pieces per device gives the same
+logits, K/V and gradients as one call, on the ring's mesh too, and the compiled prefill holds less."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from lvr_jax.models.qwen2 import mlp_pieces
+from lvr_jax.models.vlm import init_vlm, vlm_config_from
+from sharding.mesh import Layout, make_mesh
+from tests.conftest import perturb
+from tests.torch_reference import rel_err
+
+
+def llm_with(chunk: int, remat=False, **sizes):
+    cfg = vlm_config_from(tiny.get_config().model)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, mlp_chunk=chunk, remat=remat,
+                                                           **sizes))
+    return perturb(init_vlm(cfg, 1), seed=4, scale=0.2).llm
+
+
+def test_pieces_divide_each_devices_tokens():
+    cfg = vlm_config_from(tiny.get_config().model).llm
+    for chunk, local, want in ((0, 100, 1), (128, 100, 1), (5, 16, 4), (7, 48, 8), (10, 35, 5),
+                               (4, 13, 13)):
+        assert mlp_pieces(dataclasses.replace(cfg, mlp_chunk=chunk), local) == want
+
+
+@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])
+def test_chunked_mlp_equals_one_call_forward_kv_and_grads(shape):
+    layout = Layout.of(make_mesh(shape) if shape else None)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 61, 64)), jnp.float32)      # padded to 64 on the ring
+    pos = jnp.broadcast_to(jnp.arange(61), (2, 61))
+    seg = jnp.asarray(np.where(np.arange(61) < [[61], [50]], 0, -1))
+    w = jnp.asarray(rng.normal(size=(2, 61, 512)), jnp.float32)
+
+    def run(chunk):     # 16 tokens per device on the ring: 4 pieces of 4; 61 unsharded: 61 of 1
+        llm = llm_with(chunk, remat=True)
+        graphdef, state = nnx.split(llm)
+
+        def f(st):
+            logits, (k, v) = nnx.merge(graphdef, st).forward(x, pos, segment_ids=seg,
+                                                             layout=layout, return_kv=True)
+            return jnp.sum(logits * w), (logits, k, v)
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(state)
+
+    (_, want), g_want = run(0)
+    (_, got), g_got = run(5)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        if not np.any(b):                 # the embedding table: x is given, no gradient
+            assert not np.any(a)
+            continue
+        assert rel_err(a, b) < 1e-4
+
+
+def test_chunked_mlp_prefill_holds_a_piece_of_the_intermediate_activations():
+    """A wide MLP (intermediate 8192 for hidden 64, so it outweighs the dense attention's
+    scores): one piece's activations instead of the whole prompt's."""
+    x = jax.ShapeDtypeStruct((1, 1024, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 1024), jnp.bool_)
+
+    def temp(chunk):
+        graphdef, state = nnx.split(llm_with(chunk, intermediate_size=8192))
+        f = jax.jit(lambda st, x, m: nnx.merge(graphdef, st).prefill(x, m).k)
+        return f.lower(state, x, mask).compile().memory_analysis().temp_size_in_bytes
+
+    intermediate = 1024 * 8192 * 4        # one [tokens, intermediate] float32 activation
+    full, chunked = temp(0), temp(256)
+    assert full - chunked > 1.5 * intermediate, (full, chunked, intermediate)
