@@ -41,7 +41,7 @@ def tiny_vision() -> dict:
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
                  dtype="float32", param_dtype="float32", remat=False, vision_chunk=0,
-                 logits_chunk=0, mlp_chunk=0):
+                 logits_chunk=0, mlp_chunk=0, remat_offload=False):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
@@ -52,11 +52,15 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     [rows, T, vocab] logits and their gradient never exist at once; the log-probs are the same.
     `mlp_chunk`: tokens per device per MLP piece (0: all at once), so a long prompt's
     [tokens, intermediate] MLP activations never exist at once (the update recomputes each piece
-    once more in its backward: one extra MLP forward per layer)."""
+    once more in its backward: one extra MLP forward per layer).
+    `remat_offload` (with remat): each layer's checkpoint kept in pinned host memory instead of the
+    device's (GPU; XLA:CPU compiles it but counts it as device memory, and launch/plan_memory.py
+    reports the difference as `adjusted`)."""
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
         vision_chunk=vision_chunk, logits_chunk=logits_chunk, mlp_chunk=mlp_chunk,
+        remat_offload=remat_offload,
         attention=dict(key_tile=512, query_chunk=256, tie_positions="auto",
                        implementation="auto")))
 

@@ -68,6 +68,28 @@ def test_verdict_and_table(pm):
     assert "| 8 | 167 | update |" in table and "DOES NOT FIT (largest: update" in table
 
 
+def test_offload_adjusts_the_update_by_the_prompts_checkpoints(pm):
+    row = pm.PhaseMemory("update", 8, 10, 5, 5, 200, 3, {"opt_state": 3}, 1.0, host_offload=150)
+    plain = pm.PhaseMemory("ref_logprobs", 8, 10, 5, 5, 100, 3, {"opt_state": 3}, 1.0)
+    assert (row.peak, row.adjusted, plain.adjusted) == (213, 63, None)
+    assert row.as_dict()["adjusted"] == 63 and "adjusted" not in plain.as_dict()
+    assert pm.verdict([row, plain], 110) == {8: ("ref_logprobs", 113, False)}
+    assert pm.verdict([row, plain], 113) == {8: ("ref_logprobs", 113, True)}
+    info = dict(devices=8, mesh={"seq": 8}, rules_changed={}, batch=1, group=8, new_tokens=16,
+                text=32, tokens={8: 167}, persistent={"opt_state": 3})
+    assert "**0.00** (adjusted 0.00)" in pm.markdown([row], info, 113)
+
+    c = config()
+    ring = mesh(4)
+    s = pm.step_shapes(c, ring, 16)
+    layout = pm.Layout.of(ring, pm.settings.sharding_rules(c))
+    assert pm.offloaded_checkpoints(c, layout, s) == 0
+    c.model.remat, c.model.remat_offload = True, True
+    llm = c.model.llm          # layers x prompts x a quarter of the padded prompt x hidden x f32
+    want = llm.num_layers * 2 * (s.padded_tokens // 4) * llm.hidden_size * 4
+    assert pm.offloaded_checkpoints(c, layout, s) == want > 0
+
+
 def test_stand_in_is_an_argument_and_leaves_no_trace(pm):
     quiet = lambda _: None  # noqa: E731
     what_if = pm.Plan.build(config(), mesh(4), stand_ins=("ring",))

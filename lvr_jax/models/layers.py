@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], *,
@@ -126,19 +127,44 @@ def map_chunks(fn, x, chunk: int, *, remat: bool = False):
     return jax.tree.map(lambda a: a.reshape(n * chunk, *a.shape[2:])[:t], y)
 
 
+REMAT = (False, True, "dots", "offload")
+LAYER_INPUT = "layer_input"     # checkpoint_name of each layer's input (remat="offload")
+
+
+def check_remat(remat) -> None:
+    """ValueError unless `remat` is one of REMAT."""
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+
+
+def remat_policy(remat):
+    """The jax.checkpoint policy of a `remat` setting (None: no remat)."""
+    check_remat(remat)
+    cp = jax.checkpoint_policies
+    if remat == "offload":     # each layer's input to pinned host memory, recompute the rest
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
+    return {False: None, True: cp.nothing_saveable,
+            "dots": cp.dots_with_no_batch_dims_saveable}[remat]
+
+
 def scan_layers(layer_fn, stacked, x, *, remat: bool | str = False, num_layers=None):
     """Run `layer_fn(params_i, x) -> (x, y)` over stacked params with one compiled body.
 
     `stacked`: a pytree whose leaves all have the layers as their leading axis (the params, and
-    any per-layer inputs such as a K/V cache). `remat`: False, True (save nothing) or 'dots' (save
-    matmul outputs without batch dims). `num_layers` runs only the first layers (e.g. SigLIP
-    features from hidden_states[-2]).
+    any per-layer inputs such as a K/V cache). `remat`: False, True (save only each layer's input,
+    recompute the rest), 'dots' (also save matmul outputs without batch dims) or 'offload' (each
+    layer's input kept in pinned host memory instead of the device's: on GPUs the per-layer
+    checkpoints of a long prompt leave HBM; XLA:CPU compiles it and counts it as device memory).
+    `num_layers` runs only the first layers (e.g. SigLIP features from hidden_states[-2]).
     """
     if num_layers is not None:
         stacked = jax.tree.map(lambda a: a[:num_layers], stacked)
     fn = layer_fn
-    if remat:
-        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
-                  else jax.checkpoint_policies.nothing_saveable)
-        fn = jax.checkpoint(layer_fn, policy=policy)
+    policy = remat_policy(remat)
+    if policy is not None:
+        if remat == "offload":
+            fn = lambda p, x: layer_fn(p, checkpoint_name(x, LAYER_INPUT))  # noqa: E731
+        fn = jax.checkpoint(fn, policy=policy)
     return jax.lax.scan(lambda carry, p: fn(p, carry), x, stacked)

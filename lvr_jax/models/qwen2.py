@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx, struct
 
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
-from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, map_chunks, param, rms_norm,
-                                   rope_cos_sin, scan_layers, values)
+from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, map_chunks, param,
+                                   rms_norm, rope_cos_sin, scan_layers, values)
 from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
 
@@ -50,6 +50,7 @@ class Qwen2Config:
     mlp_chunk: int = 0              # tokens per device per MLP piece (`mlp_pieces`; 0: one piece)
 
     def __post_init__(self):
+        check_remat(self.remat)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:

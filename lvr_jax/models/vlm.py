@@ -152,6 +152,17 @@ def attention_options(section) -> AttentionOptions:
     return AttentionOptions(**dict(section or {}))
 
 
+def remat_setting(model_cfg):
+    """`model.remat` (False / True / "dots"), or "offload" when `model.remat_offload` is on with
+    remat: each layer's checkpoint in pinned host memory (`layers.scan_layers`)."""
+    remat = model_cfg["remat"]
+    if model_cfg.get("remat_offload", False):
+        if remat is not True:
+            raise ValueError(f"model.remat_offload needs model.remat=True, got {remat!r}")
+        return "offload"
+    return remat
+
+
 def llm_chunks(model_cfg) -> dict:
     """The LLM's memory knobs from a config's `model` section: `Qwen2Config.logits_chunk` and
     `mlp_chunk` (absent: 0, off)."""
@@ -161,7 +172,7 @@ def llm_chunks(model_cfg) -> dict:
 def vlm_config_from(model_cfg) -> VLMConfig:
     """VLMConfig from a config's `model` section (see configs/common.py)."""
     numerics = dict(dtype=jnp.dtype(model_cfg["dtype"]),
-                    param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=model_cfg["remat"])
+                    param_dtype=jnp.dtype(model_cfg["param_dtype"]), remat=remat_setting(model_cfg))
     attention = attention_options(model_cfg.get("attention"))
     return VLMConfig(
         llm=Qwen2Config(**dict(model_cfg["llm"]), **numerics, attention=attention,

@@ -30,7 +30,10 @@ How memory is counted, per device (bytes of a device's shard):
   peak = args + outputs - alias + temp + held   (an upper estimate: XLA may free an argument or
                                a temp buffer before all outputs exist; alias = donated buffers
                                reused for outputs).
-The step fits when the largest phase peak is within the budget.
+  adjusted = peak - host_offload  (only on rows the planner corrects: with `model.remat_offload`
+                               the update's prompt checkpoints sit in pinned host memory on a
+                               GPU, but XLA:CPU drops the placement; `offloaded_checkpoints`)
+The step fits when the largest phase peak (adjusted where there is one) is within the budget.
 
 Inputs are placed as the trainer places them (`Run.device_batch`: `train.state.BATCH_AXES` through
 `sharding.multihost.batch_sharding` with the layout's rules): rows over the `batch` axes, clips'
@@ -69,7 +72,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lvr_jax.models.vlm import VLM, encode_batch, make_prompts, vlm_config_from
+from lvr_jax.models.vlm import VLM, encode_batch, make_prompts, remat_setting, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
 from lvr_jax.train.grpo import grpo_update, logprobs_under
@@ -145,13 +148,25 @@ class PhaseMemory:
     held: int
     held_items: dict
     compile_s: float
+    host_offload: int = 0     # bytes the CPU compile counts on the device that a GPU offloads
 
     @property
     def peak(self) -> int:
         return self.args + self.outputs - self.alias + self.temp + self.held
 
+    @property
+    def adjusted(self) -> int | None:
+        """The peak less what a GPU keeps in host memory (`host_offload`); None: no correction."""
+        return self.peak - self.host_offload if self.host_offload else None
+
+    @property
+    def judged(self) -> int:
+        """The figure the verdict uses: `adjusted` where there is one, else `peak`."""
+        return self.peak if self.adjusted is None else self.adjusted
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "peak": self.peak}
+        out = {**dataclasses.asdict(self), "peak": self.peak}
+        return out if self.adjusted is None else {**out, "adjusted": self.adjusted}
 
 
 def shard_bytes(tree) -> int:
@@ -256,6 +271,18 @@ class Shapes:
         return -(-self.prompt_tokens // self.multiple) * self.multiple
 
 
+def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
+    """Per-device bytes of the prompt's per-layer checkpoints under `model.remat_offload` (each
+    layer's input, [B, padded tokens / ring size, hidden] in the compute dtype, kept in pinned
+    host memory on a GPU; XLA:CPU drops the placement and counts them on the device). The
+    responses' checkpoints are offloaded too but not subtracted (an upper estimate). 0 when off."""
+    if remat_setting(config.model) != "offload":
+        return 0
+    llm = vlm_config_from(config.model).llm
+    local = s.padded_tokens // layout.size("length")
+    return llm.num_layers * s.batch * local * llm.hidden_size * jnp.dtype(llm.dtype).itemsize
+
+
 def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
     """Sizes of one step at `frames` frames (prompts padded to the layout's `pad_multiple`):
     `batch` prompts per rollout (default: the config's, `settings.prompts_per_step`)."""
@@ -308,12 +335,14 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
         dt = time.perf_counter() - t0
         items = {k: held_bytes[k] for k in HOLDS[name]}
         if name in want:
+            offload = offloaded_checkpoints(config, layout, s) if name == "update" else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
-                            compile_s=round(dt, 1), **_memory(compiled))
+                            compile_s=round(dt, 1), host_offload=offload, **_memory(compiled))
             results.append(r)
+            adj = "" if r.adjusted is None else f" (adjusted {r.adjusted / GIB:.2f}: offload)"
             log(f"[plan_memory] {s.frames} frames {name:<12} args {r.args / GIB:7.2f} "
                 f"out {r.outputs / GIB:7.2f} alias {r.alias / GIB:6.2f} temp {r.temp / GIB:8.2f} "
-                f"held {r.held / GIB:6.2f} -> peak {r.peak / GIB:8.2f} GiB  ({dt:.0f}s)")
+                f"held {r.held / GIB:6.2f} -> peak {r.peak / GIB:8.2f} GiB{adj}  ({dt:.0f}s)")
         return compiled
 
     feats = compiled_outputs(record("encode", lambda: encode_batch.lower(plan.model, frames_in,
@@ -361,8 +390,8 @@ def verdict(rows, budget: int) -> dict:
     """{frames: (largest phase, its peak, fits)}."""
     out = {}
     for f in sorted({r.frames for r in rows}):
-        worst = max((r for r in rows if r.frames == f), key=lambda r: r.peak)
-        out[f] = (worst.phase, worst.peak, worst.peak <= budget)
+        worst = max((r for r in rows if r.frames == f), key=lambda r: r.judged)
+        out[f] = (worst.phase, worst.judged, worst.judged <= budget)
     return out
 
 
@@ -380,9 +409,14 @@ def markdown(rows, plan_info: dict, budget: int) -> str:
              "compile s |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        adj = "" if r.adjusted is None else f" (adjusted {g(r.adjusted)})"
         lines.append(f"| {r.frames} | {plan_info['tokens'][r.frames]} | {r.phase} | {g(r.args)} | "
                      f"{g(r.outputs)} | {g(r.alias)} | {g(r.temp)} | {g(r.held)} | "
-                     f"**{g(r.peak)}** | {r.compile_s:.0f} |")
+                     f"**{g(r.peak)}**{adj} | {r.compile_s:.0f} |")
+    if any(r.adjusted is not None for r in rows):
+        lines += ["", "adjusted: the peak less the prompt's per-layer checkpoints that "
+                  "`model.remat_offload` keeps in pinned host memory on a GPU (XLA:CPU counts "
+                  "them on the device; `memory_plan.offloaded_checkpoints`)."]
     lines += ["", f"Verdict against {budget / GIB:.0f} GiB per device:", ""]
     for f, (phase, peak, fits) in verdict(rows, budget).items():
         lines.append(f"- {f} frames: {'FITS' if fits else 'DOES NOT FIT'} (largest: {phase}, "

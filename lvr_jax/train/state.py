@@ -18,6 +18,7 @@ from flax import nnx
 from lvr_jax.data.dataset import make_iter_dataset
 from lvr_jax.data.records import load_records
 from lvr_jax.data.video import Preprocessor
+from lvr_jax.models.vlm import remat_setting
 from lvr_jax.train import settings
 from lvr_jax.train.checkpoint import Checkpointer
 from lvr_jax.train.features import pipeline_fields
@@ -157,7 +158,7 @@ def setup(config, workdir, *, mode: str) -> Run:
     if not config.init_checkpoint:
         raise ValueError("set --config.init_checkpoint to a VILA-layout checkpoint folder")
     model, tok, _ = settings.load_model(config, config.init_checkpoint, mesh,
-                                        remat=config.model.remat)
+                                        remat=remat_setting(config.model))
     log.info("initial weights from %s", config.init_checkpoint)
     optimizer = nnx.Optimizer(model, make_optimizer(config.optim, settings.update_calls(config,
                                                                                          mode)),

@@ -1,5 +1,7 @@
-"""`model.mlp_chunk`: the MLP of a long prompt in strided token pieces per device gives the same
-logits, K/V and gradients as one call, on the ring's mesh too, and the compiled prefill holds less."""
+"""Memory switches of the layer stack against the plain path: `model.mlp_chunk` (the MLP of a long
+prompt in strided token pieces per device: the same logits, K/V and gradients, on the ring's mesh
+too, and the compiled prefill holds less) and `model.remat_offload` (the same gradients as remat,
+each layer's input placed in host memory)."""
 
 import dataclasses
 
@@ -11,7 +13,7 @@ from flax import nnx
 
 from configs import tiny
 from lvr_jax.models.qwen2 import mlp_pieces
-from lvr_jax.models.vlm import init_vlm, vlm_config_from
+from lvr_jax.models.vlm import init_vlm, remat_setting, vlm_config_from
 from sharding.mesh import Layout, make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
@@ -76,3 +78,40 @@ def test_chunked_mlp_prefill_holds_a_piece_of_the_intermediate_activations():
     intermediate = 1024 * 8192 * 4        # one [tokens, intermediate] float32 activation
     full, chunked = temp(0), temp(256)
     assert full - chunked > 1.5 * intermediate, (full, chunked, intermediate)
+
+
+def test_offloaded_checkpoints_equal_remat_and_go_to_host():
+    """remat="offload" (`model.remat_offload`): the same loss and gradients as remat=True, and the
+    differentiated program moves each layer's input [N, L, E] to host memory (XLA:CPU then drops
+    the placement; on a GPU it is a copy to pinned host memory)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 24, 64)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+
+    def grads(remat):
+        graphdef, state = nnx.split(llm_with(0, remat=remat))
+        f = lambda st: jnp.sum(nnx.merge(graphdef, st).forward(x, pos) ** 2)  # noqa: E731
+        return f, state
+
+    f_remat, state = grads(True)
+    f_off, state_off = grads("offload")
+    want, got = jax.value_and_grad(f_remat)(state), jax.value_and_grad(f_off)(state_off)
+    assert rel_err(got[0], want[0]) < 1e-6
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        if np.any(b):
+            assert rel_err(a, b) < 1e-6
+    to_host = [line for line in str(jax.make_jaxpr(jax.grad(f_off))(state_off)).splitlines()
+               if "device_put" in line and "<host>[2,24,64]" in line]
+    assert to_host, "no layer input placed in host memory"
+    assert not [line for line in str(jax.make_jaxpr(jax.grad(f_remat))(state)).splitlines()
+                if "<host>" in line]
+
+
+def test_remat_offload_setting_needs_remat():
+    model = tiny.get_config().model
+    assert remat_setting(model) is False
+    model.remat, model.remat_offload = True, True
+    assert remat_setting(model) == "offload"
+    model.remat = False
+    with pytest.raises(ValueError, match="remat_offload needs model.remat=True"):
+        remat_setting(model)
