@@ -88,6 +88,8 @@ def test_offload_adjusts_the_update_by_the_prompts_checkpoints(pm):
     llm = c.model.llm          # layers x prompts x a quarter of the padded prompt x hidden x f32
     want = llm.num_layers * 2 * (s.padded_tokens // 4) * llm.hidden_size * 4
     assert pm.offloaded_checkpoints(c, layout, s) == want > 0
+    update, = pm.plan_step(pm.Plan.build(c, ring), 16, phases=("update",), log=lambda _: None)
+    assert update.host_offload == want and update.adjusted == update.peak - want
 
 
 def test_stand_in_is_an_argument_and_leaves_no_trace(pm):

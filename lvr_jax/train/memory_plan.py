@@ -237,6 +237,7 @@ class Plan:
         # rl.reference_dtype)
         ref_dtype = settings.reference_dtype(config) or config.model.param_dtype
         ref_cfg = planned_config(vlm_config_from({**dict(config.model), "remat": False,
+                                                  "remat_offload": False,
                                                   "param_dtype": str(ref_dtype)}), stand_ins)
         ref = nnx.eval_shape(lambda: VLM(ref_cfg, rngs=nnx.Rngs(0)))
         for m in (model, optimizer, ref):
