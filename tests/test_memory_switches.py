@@ -33,16 +33,16 @@ def test_pieces_divide_each_devices_tokens():
         assert mlp_pieces(dataclasses.replace(cfg, mlp_chunk=chunk), local) == want
 
 
-@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])
-def test_chunked_mlp_equals_one_call_forward_kv_and_grads(shape):
-    layout = Layout.of(make_mesh(shape) if shape else None)
+def test_chunked_mlp_equals_one_call_forward_kv_and_grads():
+    """On the ring's mesh (seq 4): each device's share in strided pieces."""
+    layout = Layout.of(make_mesh({"seq": 4, "data": -1}))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 61, 64)), jnp.float32)      # padded to 64 on the ring
     pos = jnp.broadcast_to(jnp.arange(61), (2, 61))
     seg = jnp.asarray(np.where(np.arange(61) < [[61], [50]], 0, -1))
     w = jnp.asarray(rng.normal(size=(2, 61, 512)), jnp.float32)
 
-    def run(chunk):     # 16 tokens per device on the ring: 4 pieces of 4; 61 unsharded: 61 of 1
+    def run(chunk):     # 16 tokens per device on the ring: 4 pieces of 4
         llm = llm_with(chunk, remat=True)
         graphdef, state = nnx.split(llm)
 
@@ -65,18 +65,18 @@ def test_chunked_mlp_equals_one_call_forward_kv_and_grads(shape):
 
 
 def test_chunked_mlp_prefill_holds_a_piece_of_the_intermediate_activations():
-    """A wide MLP (intermediate 8192 for hidden 64, so it outweighs the dense attention's
+    """A wide MLP (intermediate 4096 for hidden 64, so it outweighs the dense attention's
     scores): one piece's activations instead of the whole prompt's."""
-    x = jax.ShapeDtypeStruct((1, 1024, 64), jnp.float32)
-    mask = jax.ShapeDtypeStruct((1, 1024), jnp.bool_)
+    x = jax.ShapeDtypeStruct((1, 512, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 512), jnp.bool_)
 
     def temp(chunk):
-        graphdef, state = nnx.split(llm_with(chunk, intermediate_size=8192))
+        graphdef, state = nnx.split(llm_with(chunk, intermediate_size=4096))
         f = jax.jit(lambda st, x, m: nnx.merge(graphdef, st).prefill(x, m).k)
         return f.lower(state, x, mask).compile().memory_analysis().temp_size_in_bytes
 
-    intermediate = 1024 * 8192 * 4        # one [tokens, intermediate] float32 activation
-    full, chunked = temp(0), temp(256)
+    intermediate = 512 * 4096 * 4         # one [tokens, intermediate] float32 activation
+    full, chunked = temp(0), temp(128)
     assert full - chunked > 1.5 * intermediate, (full, chunked, intermediate)
 
 
