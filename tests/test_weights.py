@@ -348,3 +348,13 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, field, rope):
         hf.load_llm(tmp_path)
     with pytest.raises(ValueError, match="rope_scaling_type='yarn'"):
         ours.Qwen2Config(8, 8, 8, 1, 1, 1, rope_scaling_type="yarn")
+
+
+def test_atomic_write_gives_a_plain_files_permissions(tmp_path):
+    """Not mkstemp's owner-only mode: what `open` gives under this process's umask."""
+    from lvr_jax.weights.io import atomic_write
+
+    atomic_write(tmp_path / "a.json", b"{}")
+    (tmp_path / "b.json").write_bytes(b"{}")
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]

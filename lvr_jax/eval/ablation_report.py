@@ -5,6 +5,7 @@ range, and `results.json` holding every arm's result."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def plot(table: list[dict], study: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2) if study == "frames" else (7.6, 4.6))
     if study == "frames":
         x = [r["frames"] for r in table]
         ax.errorbar(x, [r["mean"] for r in table], yerr=[r["sd"] for r in table], marker="o",
@@ -110,7 +111,8 @@ def plot(table: list[dict], study: str, out: Path) -> Path:
         for i, r in enumerate(table):
             ax.scatter([i] * len(r["by_seed"]), list(r["by_seed"].values()), s=14, color="black",
                        zorder=3)
-        ax.set_xticks(x, [f"{r['label']}\n({r['steps']} steps)" for r in table], fontsize=7)
+        ax.set_xticks(x, [textwrap.fill(r["label"], 18) + f"\n({r['steps']} steps)" for r in table],
+                      fontsize=8)
         ax.set_title("Stage ablation (majority; scarce CoT): mean ± sd, dots = seeds",
                      fontsize=10)
     ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance (1/4)")

@@ -125,13 +125,26 @@ def write_tensors(folder: Path, tensors: Iterable[tuple[str, np.ndarray]],
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc; else the common 0o022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder + rename (readers see the
-    old file or the whole new one, never part of it)."""
+    old file or the whole new one, never part of it), with the permissions a plain `open` gives
+    (mkstemp's own are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
