@@ -39,8 +39,7 @@ def teacher_forced(llm, prompt, tokens, temperature=1.0):
     return logits[emb.shape[0] - 1:-1] / temperature
 
 
-@pytest.mark.parametrize("shape", [None, {"seq": 2, "data": -1}, {"seq": 4, "data": -1},
-                                   {"seq": 8}])
+@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}, {"seq": 8}])   # ring 2: ring tests
 def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape):
     mesh = make_mesh(shape) if shape else None
     toks, lps, lens = Sampler(vlm, mesh).generate(prompts, num_samples=2, max_new_tokens=T,
