@@ -24,6 +24,9 @@ MESH_AXES = ("data", "fsdp", "seq", "tensor")
 #                 replicated ("") = no sequence parallelism, every device runs whole prompts
 #   frames        a clip's frames in the vision tower (MR-SP stage 1)
 #   cache_length  the shared prefix K/V cache (MR-SP stage 3)
+#   branches      a prompt's G response branches against that cache (decode and the update): each
+#                 device runs its share of them; on the cache_length axis their queries meet the
+#                 prefix shards by an all-gather and the softmax partials come back reduce-scattered
 #   embed .. vocab  parameter dimensions; layers: the stacked-layer axis of scanned weights
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
@@ -36,6 +39,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "cache_length": "seq",
+    "branches": "seq",
     "layers": None,
 }
 
@@ -181,6 +185,23 @@ class Layout:
     def sharding(self, names, shape) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape))
 
+    def gathered(self, names, shape) -> NamedSharding:
+        """Where a weight with logical `names` is used: its mesh axes that also split activation
+        rows (those of `batch`, `length`, `frames`, `branches`, `cache_length`: FSDP storage) are
+        gathered, its model-parallel axes (e.g. `tensor`) kept."""
+        table = self.table
+        rows = set()
+        for name in ("batch", "length", "frames", "branches", "cache_length"):
+            target = table.get(name)
+            rows.update((target,) if isinstance(target, str) else tuple(target or ()))
+
+        def keep(entry):
+            axes = [a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ()))
+                    if a not in rows]
+            return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+        return NamedSharding(self.mesh, PartitionSpec(*map(keep, self.spec(names, shape))))
+
     def constrain(self, x, names):
         """`x` constrained to the sharding of its logical `names` (as is without a mesh)."""
         if self.mesh is None:
@@ -204,6 +225,17 @@ class Layout:
         """Devices that logical `name` is split over (1 when not sharded)."""
         axis = self.axis(name)
         return 1 if axis is None else self.mesh.shape[axis]
+
+    def branch_axis(self, rows: int, branches: int) -> str | None:
+        """The mesh axis that splits the G `branches` of [rows, G, ...] response arrays when it is
+        also the prefix cache's axis (`cache_length`), else None: the shared-prefix attention then
+        gathers their queries and reduce-scatters its partials over it. Axes that do not divide
+        G are dropped (`logical_to_spec`), so None also means "every device runs all G"."""
+        cache = self.axis("cache_length")
+        if cache is None:
+            return None
+        spec = self.spec(("batch", "branches"), (rows, branches))
+        return cache if spec[1] == cache else None
 
     @property
     def seq_axis(self) -> str | None:

@@ -1,7 +1,8 @@
 """Memory switches of the layer stack against the plain path: `model.mlp_chunk` (the MLP of a long
 prompt in strided token pieces per device: the same logits, K/V and gradients, on the ring's mesh
 too, and the compiled prefill holds less) and `model.remat_offload` (the same gradients as remat,
-each layer's input placed in host memory)."""
+each layer's input placed in host memory), and the `branches` rule (each device runs its share
+of the G response branches)."""
 
 import dataclasses
 
@@ -14,6 +15,7 @@ from flax import nnx
 from configs import tiny
 from lvr_jax.models.qwen2 import mlp_pieces
 from lvr_jax.models.vlm import init_vlm, remat_setting, vlm_config_from
+from lvr_jax.rl.policy import response_logprobs
 from sharding.mesh import Layout, make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
@@ -124,3 +126,30 @@ def test_remat_offload_setting_needs_remat():
     model.remat = False
     with pytest.raises(ValueError, match="remat_offload needs model.remat=True"):
         remat_setting(model)
+
+
+def test_split_branches_run_a_share_of_the_response_rows_per_device():
+    """The `branches` rule (on `seq`, the prefix cache's axis, by default): with G = 8 branches on
+    seq = 8 each device runs the layers for one branch of the training forward + backward, so the
+    compiled program does well under half the FLOPs and temporaries of every device running all
+    8; the queries reach the prefix shards by all-gather and the partials return reduce-scattered.
+    (The equality of loss and gradients: test_policy_forward, G = 4 on seq = 4.)"""
+    llm = llm_with(0)
+    rng = np.random.default_rng(3)
+    embeds = jnp.asarray(rng.normal(size=(1, 208, 64)), jnp.float32)
+    mask = jnp.asarray(np.arange(208) >= 8)[None]
+    responses = jnp.asarray(rng.integers(0, 512, (1, 8, 64)))
+    graphdef, state = nnx.split(llm)
+    mesh = make_mesh({"seq": 8})
+
+    def compiled(branches):
+        layout = Layout.of(mesh, {"branches": branches})
+        f = lambda st: response_logprobs(nnx.merge(graphdef, st), embeds, mask, responses,  # noqa
+                                         layout=layout).sum()
+        return jax.jit(jax.value_and_grad(f)).lower(state).compile()
+
+    split, every = compiled("seq"), compiled(None)
+    assert split.cost_analysis()["flops"] < 0.5 * every.cost_analysis()["flops"]
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(split) < 0.5 * temp(every)
+    assert " reduce-scatter(" in split.as_text() and " reduce-scatter(" not in every.as_text()

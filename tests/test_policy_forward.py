@@ -18,12 +18,13 @@ from sharding.mesh import Layout, make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
 
-B, G, T = 2, 3, 5
+B, T = 2, 5
 
 
 def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
     """Reference: every (prompt, response) as its own left-padded sequence, one causal forward."""
     b, lp = mask.shape
+    G = responses.shape[1]
     seqs = jnp.concatenate([jnp.repeat(embeds, G, axis=0),
                             llm.embed_tokens(responses.reshape(b * G, T))], axis=1)
     full_mask = jnp.concatenate([jnp.repeat(mask, G, axis=0), jnp.ones((b * G, T), bool)], 1)
@@ -35,9 +36,10 @@ def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
     return jnp.take_along_axis(lp_, tok[..., None], -1)[..., 0].reshape(b, G, T)
 
 
-@pytest.mark.parametrize("shape,chunk", [(None, None), ({"seq": 4, "data": -1}, None),
-                                         ({"seq": 4, "data": -1}, 3)])
-def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
+# G = 3 branches run on every seq device; G = 4 are split over the 4 (each device runs one)
+@pytest.mark.parametrize("shape,chunk,G", [(None, None, 3), ({"seq": 4, "data": -1}, None, 3),
+                                           ({"seq": 4, "data": -1}, 3, 4)])
+def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, G):
     cfg = vlm_config_from(tiny.get_config().model)
     if chunk:   # T - 1 = 4 teacher-forced queries, and their logits, in chunks of 3 (one padded)
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
@@ -52,6 +54,7 @@ def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
     adv = jnp.asarray(rng.normal(size=B * G), jnp.float32)
     resp_mask = jnp.asarray(rng.random((B * G, T)) < 0.85)
     layout = Layout.of(make_mesh(shape) if shape else None)
+    assert layout.branch_axis(B, G) == ("seq" if G == 4 else None)
 
     def loss(llm, shared):
         if shared:
@@ -63,8 +66,8 @@ def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk):
 
     graphdef, state = nnx.split(llm)
     f = lambda st, shared: loss(nnx.merge(graphdef, st), shared)  # noqa: E731
-    want, g_want = jax.value_and_grad(f)(state, False)
-    got, g_got = jax.jit(jax.value_and_grad(f), static_argnums=1)(state, True)
+    grad = jax.jit(jax.value_and_grad(f), static_argnums=1)
+    (want, g_want), (got, g_got) = grad(state, False), grad(state, True)
     assert abs(float(got - want)) / abs(float(want)) < 1e-5
     flat_want = jax.tree.leaves(g_want)
     flat_got = jax.tree.leaves(g_got)
@@ -77,7 +80,7 @@ def test_chunked_logprobs_and_entropy_equal_one_call_and_never_hold_all_logits()
     """`logits_chunk`: the same log-probs, entropy and gradients as one head call, and the
     compiled backward's temporaries shrink by most of the [B, G, T, V] float32 logits."""
     cfg = vlm_config_from(tiny.get_config().model)
-    t, vocab = 48, cfg.llm.vocab_size
+    G, t, vocab = 3, 48, cfg.llm.vocab_size
     rng = np.random.default_rng(5)
     responses = jnp.asarray(rng.integers(0, 512, (B, G, t)))
     weights = jnp.asarray(rng.normal(size=(B, G, t)), jnp.float32)

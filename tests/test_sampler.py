@@ -39,15 +39,18 @@ def teacher_forced(llm, prompt, tokens, temperature=1.0):
     return logits[emb.shape[0] - 1:-1] / temperature
 
 
-@pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}, {"seq": 8}])   # ring 2: ring tests
-def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape):
+# ring 2: ring tests. seq 4 with G = 4: each device decodes one branch of each prompt
+# (`Layout.branch_axis`); seq 8 with G = 2: every device decodes all of them
+@pytest.mark.parametrize("shape,g", [(None, 2), ({"seq": 4, "data": -1}, 4), ({"seq": 8}, 2)])
+def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g):
     mesh = make_mesh(shape) if shape else None
-    toks, lps, lens = Sampler(vlm, mesh).generate(prompts, num_samples=2, max_new_tokens=T,
-                                                  temperature=0)
-    assert toks.shape == (6, T) and (lens == T).all()
+    sampler = Sampler(vlm, mesh)
+    assert sampler.layout.branch_axis(3, g) == ("seq" if g == 4 else None)
+    toks, lps, lens = sampler.generate(prompts, num_samples=g, max_new_tokens=T, temperature=0)
+    assert toks.shape == (3 * g, T) and (lens == T).all()
     assert len({tuple(r) for r in toks}) > 1          # prompts lead to different answers
-    for r in range(6):
-        logits = teacher_forced(vlm.llm, prompts[r // 2], toks[r])
+    for r in range(3 * g):
+        logits = teacher_forced(vlm.llm, prompts[r // g], toks[r])
         np.testing.assert_array_equal(np.argmax(logits, -1), toks[r])
         want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), toks[r][:, None], 1)
         np.testing.assert_allclose(lps[r], want[:, 0], atol=2e-5)

@@ -118,7 +118,7 @@ def full_logits(model, feats, ids, attn, responses, *, layout=UNSHARDED, multipl
     pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     seg = jnp.where(valid, 0, -1).astype(jnp.int32)
     hidden = llm.forward(x, pos, segment_ids=seg, layout=layout, return_hidden=True)
-    return llm.head(hidden[:, lp - 1:lp - 1 + t]), tok
+    return llm.head(hidden[:, lp - 1:lp - 1 + t], layout), tok
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "layout", "multiple"),

@@ -133,9 +133,17 @@ def prompt_attention(layout, options: AttentionOptions):
 # ----------------------------------------------------------------------------- shared prefix
 
 
-def prefix_stats(q, k, v, valid, *, scale, axis=None):
+def local_rows(x, axis: str):
+    """This device's block of dim 1 (the G branches) of x, split over mesh `axis` (in shard_map)."""
+    n = x.shape[1] // jax.lax.axis_size(axis)
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * n, n, axis=1)
+
+
+def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False):
     """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D],
-    valid [B, S]; summed over `axis` when given. Returns float32 (max, sum, weighted values)."""
+    valid [B, S]; summed over `axis` when given. Returns float32 (max, sum, weighted values).
+    `scatter`: return only this device's block of the G branches, the sums reduce-scattered
+    (half the bytes of summing all G everywhere)."""
     s = jnp.einsum("bgtkhd,bskd->bgtkhs", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid[:, None, None, None, None, :], s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
@@ -145,7 +153,11 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None):
     p = jnp.exp(s - m[..., None])
     l_sum = jnp.sum(p, axis=-1)
     o = jnp.einsum("bgtkhs,bskd->bgtkhd", p, v.astype(jnp.float32))
-    if axis is not None:
+    if axis is not None and scatter:
+        l_sum, o = (jax.lax.psum_scatter(a, axis, scatter_dimension=1, tiled=True)
+                    for a in (l_sum, o))
+        m = local_rows(m, axis)
+    elif axis is not None:
         l_sum, o = jax.lax.psum((l_sum, o), axis)
     return m, l_sum, o
 
@@ -154,7 +166,9 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
                      *, layout, options: AttentionOptions):
     """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] (sharded over the
     layout's `cache_length` axis); cache [B, G, C, KVH, D] of which entries < `step` are valid
-    (the sampler writes each step's K/V into it in place afterwards). -> [B, G, T, H, D]. Queries
+    (the sampler writes each step's K/V into it in place afterwards). -> [B, G, T, H, D]. When
+    the G branches are split over that same axis (`Layout.branch_axis`), each device brings only
+    its branches' queries and gets only their partials back. Queries
     run in rematerialised chunks of `options.query_chunk` when T is longer (same result, less
     memory)."""
     b, g, t, h, d = q.shape
@@ -164,10 +178,17 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
     axis = layout.axis("cache_length")
     stats_fn = options.prefix or prefix_stats
     if axis is not None:
-        stats = jax.shard_map(functools.partial(stats_fn, scale=scale, axis=axis),
-                              mesh=layout.mesh,
-                              in_specs=(P(), P(None, axis), P(None, axis), P(None, axis)),
-                              out_specs=P(), axis_names={axis})
+        scatter = layout.branch_axis(b, g) == axis
+
+        def sharded(qc, k, v, valid):
+            if scatter:   # this device's branches -> all of them, to meet its prefix shard
+                qc = jax.lax.all_gather(qc, axis, axis=1, tiled=True)
+            return stats_fn(qc, k, v, valid, scale=scale, axis=axis, scatter=scatter)
+
+        rows = P(None, axis) if scatter else P()
+        stats = jax.shard_map(sharded, mesh=layout.mesh,
+                              in_specs=(rows, P(None, axis), P(None, axis), P(None, axis)),
+                              out_specs=rows, axis_names={axis})
     else:
         stats = functools.partial(stats_fn, scale=scale)
     c = cache_k.shape[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -32,6 +33,33 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | Non
 def values(module: nnx.Module, names: Sequence[str]) -> dict[str, jax.Array]:
     """The raw arrays of the named Params of `module`."""
     return {n: getattr(module, n).get_value() for n in names}
+
+
+def compute_weight(w: jax.Array, names: Sequence[str | None], dtype, layout) -> jax.Array:
+    """Weight `w` (stored with logical `names`) for use in the compute `dtype`: cast first, then
+    gathered over its FSDP storage axes (`Layout.gathered`), so the all-gather moves compute-dtype
+    bytes; its gradient is cast back to `w`'s dtype and reduce-scattered to `w`'s sharding."""
+    if layout.mesh is None:
+        return w.astype(dtype)
+    return _gather(w, jnp.dtype(dtype), jnp.dtype(w.dtype), layout.gathered(names, w.shape),
+                   layout.sharding(names, w.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(w, dtype, stored_dtype, gathered, stored):
+    cast = jax.lax.with_sharding_constraint(w.astype(dtype), stored)   # cast where it is stored
+    return jax.lax.with_sharding_constraint(cast, gathered)
+
+
+def _gather_fwd(w, dtype, stored_dtype, gathered, stored):
+    return _gather(w, dtype, stored_dtype, gathered, stored), None
+
+
+def _gather_bwd(dtype, stored_dtype, gathered, stored, _, g):
+    return (jax.lax.with_sharding_constraint(g.astype(stored_dtype), stored),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx, struct
 
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
-from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, map_chunks, param,
-                                   rms_norm, rope_cos_sin, scan_layers, values)
+from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, compute_weight,
+                                   map_chunks, param, rms_norm, rope_cos_sin, scan_layers, values)
 from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
 
@@ -119,30 +119,31 @@ class Qwen2Config:
         }
 
 
-LAYER_PARAMS = ("input_norm", "q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
-                "o_kernel", "post_norm", "gate_kernel", "up_kernel", "down_kernel")
+# Each layer param's logical axes (without the leading "layers" of the stacked weights).
+LAYER_AXES = {
+    "input_norm": ("embed",),
+    "q_kernel": ("embed", "heads", "head_dim"), "q_bias": ("heads", "head_dim"),
+    "k_kernel": ("embed", "kv_heads", "head_dim"), "k_bias": ("kv_heads", "head_dim"),
+    "v_kernel": ("embed", "kv_heads", "head_dim"), "v_bias": ("kv_heads", "head_dim"),
+    "o_kernel": ("heads", "head_dim", "embed"),
+    "post_norm": ("embed",),
+    "gate_kernel": ("embed", "mlp"), "up_kernel": ("embed", "mlp"), "down_kernel": ("mlp", "embed"),
+}
+LAYER_PARAMS = tuple(LAYER_AXES)
 
 
 class Qwen2Layers(nnx.Module):
     """All decoder layers' weights, stacked on a leading 'layers' axis."""
 
     def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-        n, e, h, kv, d, m = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                             cfg.head_dim, cfg.intermediate_size)
-        p = lambda shape, names, **kw: param(rngs, (n, *shape), ("layers", *names),
-                                             dtype=cfg.param_dtype, **kw)
-        self.input_norm = p((e,), ("embed",), init="ones")
-        self.q_kernel = p((e, h, d), ("embed", "heads", "head_dim"))
-        self.q_bias = p((h, d), ("heads", "head_dim"), init="zeros")
-        self.k_kernel = p((e, kv, d), ("embed", "kv_heads", "head_dim"))
-        self.k_bias = p((kv, d), ("kv_heads", "head_dim"), init="zeros")
-        self.v_kernel = p((e, kv, d), ("embed", "kv_heads", "head_dim"))
-        self.v_bias = p((kv, d), ("kv_heads", "head_dim"), init="zeros")
-        self.o_kernel = p((h, d, e), ("heads", "head_dim", "embed"))
-        self.post_norm = p((e,), ("embed",), init="ones")
-        self.gate_kernel = p((e, m), ("embed", "mlp"))
-        self.up_kernel = p((e, m), ("embed", "mlp"))
-        self.down_kernel = p((m, e), ("mlp", "embed"))
+        n = cfg.num_layers
+        size = dict(embed=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                    head_dim=cfg.head_dim, mlp=cfg.intermediate_size)
+        init = dict(input_norm="ones", post_norm="ones", q_bias="zeros", k_bias="zeros",
+                    v_bias="zeros")
+        for name, axes in LAYER_AXES.items():
+            setattr(self, name, param(rngs, (n, *(size[a] for a in axes)), ("layers", *axes),
+                                      dtype=cfg.param_dtype, init=init.get(name, "normal")))
 
 
 def mlp_pieces(cfg: Qwen2Config, local_tokens: int) -> int:
@@ -156,16 +157,23 @@ def mlp_pieces(cfg: Qwen2Config, local_tokens: int) -> int:
     return n
 
 
-def mlp(cfg: Qwen2Config, p: dict, x, pieces: int = 1):
+def weights(cfg: Qwen2Config, p: dict, layout: Layout):
+    """`w(name)`: layer param `name` of `p` in the compute dtype, gathered for use
+    (`layers.compute_weight`: the all-gather moves compute-dtype bytes)."""
+    return lambda name: compute_weight(p[name], LAYER_AXES[name], cfg.dtype, layout)
+
+
+def mlp(cfg: Qwen2Config, p: dict, x, pieces: int = 1, layout: Layout = UNSHARDED):
     """The post-attention norm + SwiGLU MLP of x [N, L, E]. With `pieces` > 1 the tokens run in
     that many strided pieces (token i in piece i % pieces: each piece holds 1 / pieces of every
     device's tokens when L is sharded in equal blocks), one at a time and recomputed piece by piece
     in the backward, so the [N, L, intermediate] activations never exist at once."""
-    c = lambda name: p[name].astype(cfg.dtype)  # noqa: E731
+    w = weights(cfg, p, layout)
+    gate, up, down = w("gate_kernel"), w("up_kernel"), w("down_kernel")   # gathered once
 
     def run(h):
         h = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
-        return (jax.nn.silu(h @ c("gate_kernel")) * (h @ c("up_kernel"))) @ c("down_kernel")
+        return (jax.nn.silu(h @ gate) * (h @ up)) @ down
 
     if pieces <= 1:
         return run(x)
@@ -175,10 +183,11 @@ def mlp(cfg: Qwen2Config, p: dict, x, pieces: int = 1):
     return jnp.moveaxis(out, 0, 2).reshape(n, length, e)
 
 
-def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 1):
+def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 1,
+                  layout: Layout = UNSHARDED):
     """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v).
-    `pieces`: the MLP's token pieces (`mlp`)."""
-    c = lambda name: p[name].astype(cfg.dtype)
+    `pieces`: the MLP's token pieces (`mlp`); `layout`: where the weights are gathered."""
+    c = weights(cfg, p, layout)
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("ble,ehd->blhd", h, c("q_kernel")) + c("q_bias")
     k = jnp.einsum("ble,ehd->blhd", h, c("k_kernel")) + c("k_bias")
@@ -186,7 +195,7 @@ def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = attend(q, k, v)
     x = x + jnp.einsum("blhd,hde->ble", o, c("o_kernel"))
-    return x + mlp(cfg, p, x, pieces), (k, v)
+    return x + mlp(cfg, p, x, pieces, layout), (k, v)
 
 
 @struct.dataclass
@@ -219,36 +228,45 @@ class Qwen2(nnx.Module):
         """Token embeddings in the compute dtype."""
         return jnp.take(self.embed.get_value(), token_ids, axis=0).astype(self.cfg.dtype)
 
-    def head(self, hidden: jax.Array) -> jax.Array:
-        """Final norm + output projection; logits in float32."""
+    def head(self, hidden: jax.Array, layout: Layout = UNSHARDED) -> jax.Array:
+        """Final norm + output projection; logits in float32. Under a `layout` the output weight
+        is gathered in the compute dtype (`layers.compute_weight`; for many rows), else cast
+        where it is stored."""
         h = rms_norm(hidden, self.final_norm.get_value(), self.cfg.rms_norm_eps)
-        w = (self.embed.get_value().T if self.lm_head is None else self.lm_head.get_value())
-        return jnp.einsum("...e,ev->...v", h, w.astype(self.cfg.dtype),
-                          preferred_element_type=jnp.float32)
+        dtype = self.cfg.dtype
+        if self.lm_head is None:
+            w = compute_weight(self.embed.get_value(), ("vocab", "embed"), dtype, layout).T
+        else:
+            w = compute_weight(self.lm_head.get_value(), ("embed", "vocab"), dtype, layout)
+        return jnp.einsum("...e,ev->...v", h, w, preferred_element_type=jnp.float32)
 
-    def head_map(self, fn, hidden: jax.Array, *per_token: jax.Array):
+    def head_map(self, fn, hidden: jax.Array, *per_token: jax.Array, layout: Layout = UNSHARDED):
         """`fn(logits [..., Tc, V], *per_token chunks [..., Tc])` -> per-token arrays [..., Tc],
         over the head's logits of hidden [..., T, E], `cfg.logits_chunk` tokens at a time and
         recomputed chunk by chunk in the backward, so the [..., T, V] logits (and their gradient)
         never exist at once; 0: one call. Returns fn's outputs reassembled to [..., T]."""
         chunk, t = self.cfg.logits_chunk, hidden.shape[-2]
         if chunk <= 0 or t <= chunk:
-            return fn(self.head(hidden), *per_token)
+            return fn(self.head(hidden, layout), *per_token)
 
         def piece(xs):
             h, *rest = xs
-            out = fn(self.head(jnp.moveaxis(h, 0, -2)), *(jnp.moveaxis(a, 0, -1) for a in rest))
+            out = fn(self.head(jnp.moveaxis(h, 0, -2), layout),
+                     *(jnp.moveaxis(a, 0, -1) for a in rest))
             return jax.tree.map(lambda a: jnp.moveaxis(a, -1, 0), out)
 
         xs = (jnp.moveaxis(hidden, -2, 0), *(jnp.moveaxis(a, -1, 0) for a in per_token))
         return jax.tree.map(lambda a: jnp.moveaxis(a, 0, -1),
                             map_chunks(piece, xs, chunk, remat=True))
 
-    def _stack(self, x, positions, attend, per_layer=(), devices: int = 1):
+    def _stack(self, x, positions, attend, per_layer=(), layout: Layout = UNSHARDED,
+               devices: int = 1):
         """The one layer stack: `decoder_layer` scanned over the stacked params (remat per config).
         x [N, L, E] at positions [N, L], L split over `devices` in equal blocks (the MLP pieces
         count a device's tokens); `attend(q, k, v, *per_layer_i)` gets this layer's slice of
-        every `per_layer` array (leading axis: layers). Returns (x, per-layer (k, v))."""
+        every `per_layer` array (leading axis: layers); weights are gathered for the `layout`
+        (`layers.compute_weight`; UNSHARDED: cast where they are, XLA places the rest).
+        Returns (x, per-layer (k, v))."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
                                 scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
@@ -259,7 +277,7 @@ class Qwen2(nnx.Module):
         def layer(xs, x):
             p, extra = xs
             return decoder_layer(cfg, p, x, cos, sin, lambda q, k, v: attend(q, k, v, *extra),
-                                 pieces)
+                                 pieces, layout)
 
         stacked = (values(self.layers, LAYER_PARAMS), tuple(per_layer))
         return scan_layers(layer, stacked, x.astype(cfg.dtype), remat=cfg.remat)
@@ -275,7 +293,7 @@ class Qwen2(nnx.Module):
         attend = prompt_attention(layout, self.cfg.attention)
         hidden, kv = self._stack(x, positions,
                                  lambda q, k, v: attend(q, k, v, positions, positions, seg, seg),
-                                 devices=layout.size("length"))
+                                 layout=layout, devices=layout.size("length"))
         return hidden, kv, seg, where
 
     def __call__(self, input_embeds: jax.Array, positions: jax.Array, *,
@@ -300,7 +318,7 @@ class Qwen2(nnx.Module):
         hidden, (k, v), _, where = self._prompt(input_embeds, positions, segment_ids, layout)
         if where is not None:
             hidden, k, v = hidden[:, where], k[:, :, where], v[:, :, where]
-        out = hidden if return_hidden else self.head(hidden)
+        out = hidden if return_hidden else self.head(hidden, layout)
         return (out, (k, v)) if return_kv else out
 
     def prefill(self, embeds, mask, *, layout: Layout = UNSHARDED) -> Prefix:
@@ -310,17 +328,24 @@ class Qwen2(nnx.Module):
         seg = jnp.where(mask, 0, -1).astype(jnp.int32)
         hidden, (k, v), seg, where = self._prompt(embeds, positions, seg, layout)
         last = embeds.shape[1] - 1 if where is None else int(where[-1])
-        logits = self.head(hidden[:, last])
+        logits = self.head(hidden[:, last])     # one row: no weight gather
         return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
 
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
         """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a
         response cache (k, v), each [layers, B, G, C, KVH, D], of which `step` entries are
         valid). Returns (hidden [B, G, T, E], new K/V, each [layers, B, G, T, KVH, D]).
-        Gradients reach the prompt through the prefix K/V of every branch."""
+        Gradients reach the prompt through the prefix K/V of every branch. The branches are split
+        over the layout's `branches` axis: each device runs the layers for its share of them."""
         cfg = self.cfg
         b, g, t = tokens.shape
-        x = self.embed_tokens(tokens.reshape(b * g, t))
+
+        def rows(a, lead: int = 0):
+            """`a` [..lead.., B, G, ...] with its branches split over the layout's `branches`."""
+            return layout.constrain(a, (None,) * lead + ("batch", "branches")
+                                    + (None,) * (a.ndim - lead - 2))
+
+        x = rows(self.embed_tokens(tokens)).reshape(b * g, t, -1)
         pos = prefix.lengths[:, None, None] + step + jnp.arange(t)[None, None, :]
         pos = jnp.broadcast_to(pos, (b, g, t)).reshape(b * g, t)
         if cache is None:
@@ -333,9 +358,12 @@ class Qwen2(nnx.Module):
                                  layout=layout, options=cfg.attention)
             return o.reshape(b * g, t, *o.shape[3:])
 
-        x, (k, v) = self._stack(x, pos, attend, per_layer=(prefix.k, prefix.v, *cache))
-        return x.reshape(b, g, t, -1), (k.reshape(-1, b, g, t, *k.shape[3:]),
-                                        v.reshape(-1, b, g, t, *v.shape[3:]))
+        # a decode step's few rows: XLA reduces their partial activations instead of gathering
+        # every weight per token; longer extends (the training forward) gather the weights
+        x, (k, v) = self._stack(x, pos, attend, per_layer=(prefix.k, prefix.v, *cache),
+                                layout=layout if t > 1 else UNSHARDED)
+        per_layer = lambda a: rows(a.reshape(-1, b, g, t, *a.shape[3:]), lead=1)  # noqa: E731
+        return rows(x.reshape(b, g, t, -1)), (per_layer(k), per_layer(v))
 
 
 def to_left_padded(x, valid, multiple: int = 1):

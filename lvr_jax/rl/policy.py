@@ -31,7 +31,7 @@ def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature
                   responses[:, :, :1])
     if t > 1:
         hidden, _ = llm.extend(prefix, responses[:, :, :-1], layout=layout)
-        rest = llm.head_map(stats, hidden, responses[:, :, 1:])
+        rest = llm.head_map(stats, hidden, responses[:, :, 1:], layout=layout)
         first = tuple(jnp.concatenate([a, r], axis=2) for a, r in zip(first, rest))
     return first if with_entropy else first[0]
 

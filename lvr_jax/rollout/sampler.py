@@ -130,10 +130,14 @@ def decode(llm, prefix: Prefix, state: DecodeState, row_keys, params: SamplingPa
     return jax.lax.while_loop(cond, body, state)
 
 
-def init_state(prefix: Prefix, params: SamplingParams, cache_dtype) -> DecodeState:
+def init_state(prefix: Prefix, params: SamplingParams, cache_dtype,
+               layout: Layout = UNSHARDED) -> DecodeState:
+    """The decode loop's start: empty response caches, their branches split as `extend` splits
+    them (the layout's `branches`), and the prefix's first-token logits for every branch."""
     layers, b, _, kvh, d = prefix.k.shape
     g, t = params.num_samples, params.max_new_tokens
-    cache = jnp.zeros((layers, b, g, t, kvh, d), cache_dtype)
+    cache = layout.constrain(jnp.zeros((layers, b, g, t, kvh, d), cache_dtype),
+                             (None, "batch", "branches", None, None, None))
     logits = jnp.broadcast_to(prefix.logits[:, None], (b, g, prefix.logits.shape[-1]))
     return DecodeState(step=jnp.zeros((), jnp.int32), k=cache, v=cache,
                        tokens=jnp.zeros((b, g, t), jnp.int32),
@@ -192,7 +196,8 @@ class Sampler:
 
             self._fns[params] = (jax.jit(run_prefill),
                                  jax.jit(functools.partial(init_state, params=params,
-                                                           cache_dtype=self.llm.cfg.dtype)),
+                                                           cache_dtype=self.llm.cfg.dtype,
+                                                           layout=layout)),
                                  jax.jit(run_decode, donate_argnums=(2,)))
         return self._fns[params]
 

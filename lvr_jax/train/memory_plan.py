@@ -72,9 +72,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lvr_jax.models.attention import local_rows
 from lvr_jax.models.vlm import VLM, encode_batch, make_prompts, remat_setting, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
+from lvr_jax.train.collectives import collectives, summary
 from lvr_jax.train.grpo import grpo_update, logprobs_under
 from lvr_jax.train.state import BATCH_AXES, make_optimizer, trainable_filter
 from sharding.mesh import DEFAULT_RULES, Layout, make_mesh, param_shardings, rules_to_strings
@@ -104,10 +106,10 @@ def ring_stand_in(q, k, v, *_):
     return q + jnp.repeat(k + v, q.shape[2] // k.shape[2], axis=2)
 
 
-def prefix_stand_in(q, k, v, valid, *, scale, axis=None):
+def prefix_stand_in(q, k, v, valid, *, scale, axis=None, scatter=False):
     """O(length) stand-in for `prefix_stats`, the branches' attention to the seq-sharded prefix
     (scores [B, G, T, H, S_local] float32): softmax partials from the mean prefix key / value
-    (psum over `axis`)."""
+    (psum over `axis`; this device's branches when `scatter`)."""
     km = jnp.mean(k.astype(jnp.float32), axis=1)                  # [B, KVH, D]
     vm = jnp.mean(v.astype(jnp.float32), axis=1)
     if axis is not None:
@@ -115,7 +117,8 @@ def prefix_stand_in(q, k, v, valid, *, scale, axis=None):
     s = jnp.einsum("bgtkhd,bkd->bgtkh", q.astype(jnp.float32), km) * scale
     m = jax.lax.stop_gradient(s)
     o = vm[:, None, None, :, None, :] * (s - m + 1.0)[..., None]
-    return m, jnp.ones_like(s), jnp.broadcast_to(o, q.shape)
+    out = m, jnp.ones_like(s), jnp.broadcast_to(o, q.shape)
+    return tuple(local_rows(a, axis) for a in out) if scatter else out
 
 
 # name -> (AttentionOptions field, stand-in)
@@ -149,6 +152,7 @@ class PhaseMemory:
     held_items: dict
     compile_s: float
     host_offload: int = 0     # bytes the CPU compile counts on the device that a GPU offloads
+    collectives: list = dataclasses.field(default_factory=list)   # `collectives.summary`
 
     @property
     def peak(self) -> int:
@@ -338,7 +342,9 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
         if name in want:
             offload = offloaded_checkpoints(config, layout, s) if name == "update" else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
-                            compile_s=round(dt, 1), host_offload=offload, **_memory(compiled))
+                            compile_s=round(dt, 1), host_offload=offload,
+                            collectives=summary(collectives(compiled.as_text())),
+                            **_memory(compiled))
             results.append(r)
             adj = "" if r.adjusted is None else f" (adjusted {r.adjusted / GIB:.2f}: offload)"
             log(f"[plan_memory] {s.frames} frames {name:<12} args {r.args / GIB:7.2f} "
