@@ -41,7 +41,7 @@ def tiny_vision() -> dict:
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
                  dtype="float32", param_dtype="float32", remat=False, vision_chunk=0,
-                 logits_chunk=0, mlp_chunk=0, remat_offload=False):
+                 logits_chunk=0, mlp_chunk=0, remat_offload=False, query_chunk=256):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
@@ -55,13 +55,16 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     once more in its backward: one extra MLP forward per layer).
     `remat_offload` (with remat): each layer's checkpoint kept in pinned host memory instead of the
     device's (GPU; XLA:CPU compiles it but counts it as device memory, and launch/plan_memory.py
-    reports the difference as `adjusted`)."""
+    reports the difference as `adjusted`).
+    `query_chunk`: response queries per chunk of the training forward's attention to the prefix;
+    a chunk's scores are [B, G, chunk, heads, prefix tokens per device] float32 (7.5 GiB for
+    the 7B at 256 queries, G = 8 and 1024 frames on seq = 8), so long prompts want small chunks."""
     return ml_collections.ConfigDict(dict(
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
         vision_chunk=vision_chunk, logits_chunk=logits_chunk, mlp_chunk=mlp_chunk,
         remat_offload=remat_offload,
-        attention=dict(key_tile=512, query_chunk=256, tie_positions="auto",
+        attention=dict(key_tile=512, query_chunk=query_chunk, tie_positions="auto",
                        implementation="auto")))
 
 
