@@ -44,13 +44,14 @@ def demo_data():
     from lvr_jax.data.synthetic import check_qtypes
     from lvr_jax.eval.demo import DemoData
 
-    if _SFT_ITEMS.value < 0:
-        raise app.UsageError(f"--sft_items must be >= 0 (0: all), got {_SFT_ITEMS.value}")
     try:
         qtypes = check_qtypes(_QTYPES.value)
     except ValueError as e:
         raise app.UsageError(f"--qtypes: {e}") from None
-    return DemoData(_NUM_TRAIN.value, _NUM_VAL.value, _FRAMES.value, qtypes, _SFT_ITEMS.value)
+    try:
+        return DemoData(_NUM_TRAIN.value, _NUM_VAL.value, _FRAMES.value, qtypes, _SFT_ITEMS.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def main(_):

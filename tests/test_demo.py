@@ -1,6 +1,7 @@
 """The README demo, shrunk: killed during GRPO, rerun, it resumes from its last checkpoint; a rerun
 asking for other data is refused."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -8,6 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+
+from lvr_jax.eval.demo import DemoData, DemoInputError, check_existing_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_STEPS = 6
@@ -56,11 +61,19 @@ def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
     assert (work / "reports" / "val_after_grpo.md").exists()
     assert (work / "curves.png").stat().st_size > 0
 
-    # a rerun asking for other data stops before training, naming what differs
-    for flag, says in (("--qtypes=corner", "qtypes: ['majority'] there, ['corner'] asked"),
-                       ("--sft_items=5", "another CoT-SFT subset than --sft_items=5"),
-                       ("--sft_items=-1", "--sft_items must be >= 0")):
-        bad = subprocess.run(demo_cmd(work) + [flag], env=env, timeout=300, capture_output=True,
-                             text=True)
-        assert bad.returncode != 0 and says in bad.stderr + bad.stdout, (flag, bad.stderr[-2000:])
-        assert "[data]" not in bad.stdout
+    # a rerun asking for other data stops before training, naming what differs: the launch
+    # script once, then the check it runs on each kind of difference
+    bad = subprocess.run(demo_cmd(work) + ["--qtypes=corner"], env=env, timeout=300,
+                         capture_output=True, text=True)
+    says = "qtypes: ['majority'] there, ['corner'] asked"
+    assert bad.returncode != 0 and says in bad.stderr + bad.stdout, bad.stderr[-2000:]
+    assert "[data]" not in bad.stdout
+    asked = DemoData(num_train=12, num_val=4, frames=16, qtypes=("majority",), sft_items=4)
+    check_existing_inputs(work / "data", asked)                       # what the demo ran
+    for change, says in ((dict(sft_items=5), "another CoT-SFT subset than --sft_items=5"),
+                         (dict(num_val=5), "num_val: 4 there, 5 asked"),
+                         (dict(frames=8), "frames: 16 there, 8 asked")):
+        with pytest.raises(DemoInputError, match=re.escape(says)):
+            check_existing_inputs(work / "data", dataclasses.replace(asked, **change))
+    with pytest.raises(ValueError, match=re.escape("--sft_items must be >= 0 (0: all), got -1")):
+        dataclasses.replace(asked, sft_items=-1)

@@ -77,7 +77,7 @@ def metrics(workdir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
 
 
-STEPS = 5
+STEPS = 4
 PHASES = ("encode", "prefill", "decode", "reward", "logprob", "update")
 
 

@@ -31,6 +31,10 @@ class DemoData:
     qtypes: tuple[str, ...]
     sft_items: int       # CoT-SFT on the first N training items (0: all)
 
+    def __post_init__(self):
+        if self.sft_items < 0:
+            raise ValueError(f"--sft_items must be >= 0 (0: all), got {self.sft_items}")
+
     def sft_subset(self, lines: list[str]) -> str:
         """The CoT-SFT set: the first `sft_items` lines of train.jsonl (all of them for 0)."""
         return "".join(lines[:self.sft_items or len(lines)])
