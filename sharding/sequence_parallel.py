@@ -72,17 +72,28 @@ def unzigzag_indices(length: int, num_shards: int) -> np.ndarray:
 
 
 def zigzag(x, num_shards: int, *, axis: int = 1):
-    """Reorder ``axis`` of ``x`` (length a multiple of ``2 * num_shards``) into zigzag order."""
+    """Reorder ``axis`` of ``x`` (length a multiple of ``2 * num_shards``) into zigzag order
+    (``x`` taken at :func:`zigzag_indices`). Written with reshapes, a reverse and a stack, not a
+    gather, so that neither it nor its transpose needs the whole axis on one device when the axis
+    is sharded."""
     if num_shards == 1:
         return x  # chunks 0 and 1 in order: the identity
-    return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+    n, chunk = num_shards, _check(x.shape[axis], num_shards)
+    halves = x.reshape(x.shape[:axis] + (2, n, chunk) + x.shape[axis + 1:])
+    early = jax.lax.index_in_dim(halves, 0, axis, keepdims=False)           # chunks 0 .. n-1
+    late = jnp.flip(jax.lax.index_in_dim(halves, 1, axis, keepdims=False), axis)  # 2n-1 .. n
+    return jnp.stack([early, late], axis=axis + 1).reshape(x.shape)
 
 
 def unzigzag(x, num_shards: int, *, axis: int = 1):
-    """Undo :func:`zigzag`: back to global order along ``axis``."""
+    """Undo :func:`zigzag`: back to global order along ``axis`` (reshapes, like `zigzag`)."""
     if num_shards == 1:
         return x
-    return jnp.take(x, unzigzag_indices(x.shape[axis], num_shards), axis=axis)
+    n, chunk = num_shards, _check(x.shape[axis], num_shards)
+    pairs = x.reshape(x.shape[:axis] + (n, 2, chunk) + x.shape[axis + 1:])
+    early = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)
+    late = jnp.flip(jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False), axis)
+    return jnp.concatenate([early, late], axis=axis).reshape(x.shape)
 
 
 def zigzag_positions(length: int, num_shards: int, batch: int | None = None):

@@ -38,7 +38,8 @@ def values(module: nnx.Module, names: Sequence[str]) -> dict[str, jax.Array]:
 def compute_weight(w: jax.Array, names: Sequence[str | None], dtype, layout) -> jax.Array:
     """Weight `w` (stored with logical `names`) for use in the compute `dtype`: cast first, then
     gathered over its FSDP storage axes (`Layout.gathered`), so the all-gather moves compute-dtype
-    bytes; its gradient is cast back to `w`'s dtype and reduce-scattered to `w`'s sharding."""
+    bytes; its gradient is cast back to `w`'s dtype, then reduced to `w`'s sharding (XLA:CPU
+    compiles that as an all-reduce and a slice)."""
     if layout.mesh is None:
         return w.astype(dtype)
     return _gather(w, jnp.dtype(dtype), jnp.dtype(w.dtype), layout.gathered(names, w.shape),
