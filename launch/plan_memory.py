@@ -1,10 +1,11 @@
 """Memory plan of one GRPO step: does a config fit on N devices of a given size, per frame count?
 
-Compiles (never runs) every phase of one GRPO step on --devices virtual CPU devices and reports
-per-device memory; see `lvr_jax.train.memory_plan` for what is compiled and how it is counted.
+Compiles (never runs) every phase of one GRPO step on --devices x --hosts virtual CPU devices
+and reports per-device memory; see `lvr_jax.train.memory_plan` for what is compiled and how it is
+counted. With --hosts=N the config's seq axis is N times longer: the ring spans the nodes.
 
     python launch/plan_memory.py --out=runs/plan_memory [--config=configs/longvila_r1_7b.py:grpo]
-        [--frames=512,1024,4096] [--batch=1] [--phases=prefill,update] [--budget_gib=80]
+        [--frames=512,1024,4096] [--hosts=2] [--batch=1] [--phases=prefill,update] [--budget_gib=80]
         [--stand_in=ring,prefix] [--config.mesh.fsdp=2 --config.mesh.seq=4]
         [--config.sharding_rules.embed=fsdp] [--config.rl.max_new_tokens=512]
 Writes <out>/plan_memory.md (table + verdict) and plan_memory.json (bytes, per phase).
@@ -20,12 +21,12 @@ from lvr_jax import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def devices_from_argv(argv, default: int = 8) -> int:
-    """--devices from the command line, read before absl parses it (jax must not start first)."""
+def int_from_argv(argv, name: str, default: int) -> int:
+    """--name=N from the command line, read before absl parses it (jax must not start first)."""
     for i, a in enumerate(argv):
-        if a.startswith("--devices="):
+        if a.startswith(f"--{name}="):
             return int(a.split("=", 1)[1])
-        if a == "--devices" and i + 1 < len(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
             return int(argv[i + 1])
     return default
 
@@ -40,13 +41,17 @@ def main(argv):
     unknown = [p for p in phases if p not in memory_plan.PHASES]
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; known: {memory_plan.PHASES}")
+    config = CONFIG.value
+    if FLAGS.hosts > 1:      # the ring spans the nodes: seq = hosts x the config's seq
+        config.mesh = {**dict(config.mesh), "seq": dict(config.mesh).get("seq", 1) * FLAGS.hosts}
     memory_plan.run_plan(
-        CONFIG.value, FLAGS.out, name=FLAGS.name or "plan_memory",
+        config, FLAGS.out, name=FLAGS.name or "plan_memory",
         frames=[int(f) for f in split(FLAGS.frames)], batch=FLAGS.batch or None,
         phases=phases, budget_gib=FLAGS.budget_gib,
         stand_ins=tuple(split(FLAGS.stand_in)),
         source=dict(config=config_flags.get_config_filename(FLAGS["config"]),
-                    overrides=config_flags.get_override_values(FLAGS["config"])),
+                    overrides=config_flags.get_override_values(FLAGS["config"]),
+                    hosts=FLAGS.hosts),
         log=lambda m: print(m, flush=True))
 
 
@@ -56,7 +61,7 @@ if __name__ == "__main__":
     if "all-reduce-promotion" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_disable_hlo_passes=all-reduce-promotion").strip()
-    cli.cpu_devices(devices_from_argv(sys.argv))
+    cli.cpu_devices(int_from_argv(sys.argv, "devices", 8) * int_from_argv(sys.argv, "hosts", 1))
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -73,7 +78,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", 0, "prompts per step, global (0: data.pipeline.batch_size)")
     flags.DEFINE_string("phases", ",".join(PHASES), f"phases to report, of {PHASES}")
     flags.DEFINE_float("budget_gib", 80.0, "device memory budget, GiB")
-    flags.DEFINE_integer("devices", 8, "virtual CPU devices (read before jax starts)")
+    flags.DEFINE_integer("devices", 8, "virtual CPU devices per host (read before jax starts)")
+    flags.DEFINE_integer("hosts", 1, "nodes of --devices each; the mesh's seq axis spans them")
     flags.DEFINE_string("stand_in", "", f"what-if: O(length) stand-ins for {STAND_INS} "
                         "(lower bounds for tiled versions; see lvr_jax.train.memory_plan)")
     app.run(main)

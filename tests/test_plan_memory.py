@@ -2,6 +2,12 @@
 compiles of the GRPO step's phases give per-device memory that behaves as sharding and sequence
 length say it must."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -110,3 +116,18 @@ def test_stand_in_is_an_argument_and_leaves_no_trace(pm):
     assert AttentionOptions() == AttentionOptions(tie_positions="auto", prompt=None, prefix=None)
     with pytest.raises(ValueError, match="unknown stand-ins"):
         pm.Plan.build(config(), mesh(4), stand_ins=("flash",))
+
+
+def test_hosts_flag_spans_the_ring_over_the_nodes(tmp_path):
+    """`launch/plan_memory.py --hosts=2`: 2 x --devices virtual devices, the config's seq axis
+    twice as long (the demo's fsdp 2 x seq 4 -> fsdp 2 x seq 8 on 16 devices), recorded."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "launch" / "plan_memory.py"), f"--out={tmp_path}",
+         f"--config={root / 'configs' / 'demo.py'}:grpo", "--hosts=2", "--frames=4",
+         "--phases=encode"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""})     # this process's 8-device count would win
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "plan_memory.json").read_text())
+    assert report["devices"] == 16 and report["hosts"] == 2
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "seq": 8, "tensor": 1}
