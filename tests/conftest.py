@@ -8,17 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import tempfile
-
 import jax
 import pytest
-
-# The launch scripts the tests run as subprocesses share one persistent compilation cache per
-# session (a resumed run, a rerun, the second process of a pair compile the same programs). Set
-# after jax is imported, so these test processes themselves compile as before.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), "lvr_jax_test_jit_cache_"
-    + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # rbg keys compile several times faster than threefry on CPU; tests only need determinism.
