@@ -41,7 +41,8 @@ def tiny_vision() -> dict:
 
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
                  dtype="float32", param_dtype="float32", remat=False, vision_chunk=0,
-                 logits_chunk=0, mlp_chunk=0, remat_offload=False, query_chunk=256):
+                 logits_chunk=0, mlp_chunk=0, remat_offload=False, query_chunk=256,
+                 ring_prompt=False):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
@@ -56,6 +57,11 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     `remat_offload` (with remat): each layer's checkpoint kept in pinned host memory instead of the
     device's (GPU; XLA:CPU compiles it but counts it as device memory, and launch/plan_memory.py
     reports the difference as `adjusted`).
+    `ring_prompt`: video prompts built in the ring's layout where they are used
+    (lvr_jax.models.ring_prompt), so no device holds the whole spliced prompt or its float32
+    gradient; it pads each text slot to the ids' length (L - 1 tokens more than the spliced prompt,
+    plus < 2n frames), cheap when frames dominate (the 7B at 4,096 frames: +0.3%), not for toy
+    prompts of more text than video (the demo's: 816 tokens instead of 456), so off there.
     `query_chunk`: response queries per chunk of the training forward's attention to the prefix;
     a chunk's scores are [B, G, chunk, heads, prefix tokens per device] float32 (7.5 GiB for
     the 7B at 256 queries, G = 8 and 1024 frames on seq = 8), so long prompts want small chunks."""
@@ -63,7 +69,7 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
         vision_chunk=vision_chunk, logits_chunk=logits_chunk, mlp_chunk=mlp_chunk,
-        remat_offload=remat_offload,
+        remat_offload=remat_offload, ring_prompt=ring_prompt,
         attention=dict(key_tile=512, query_chunk=query_chunk, tie_positions="auto",
                        implementation="auto")))
 

@@ -57,10 +57,6 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # XLA:CPU aborts in all-reduce-promotion on the update's bf16 all-reduces; the pass only widens them.
-    if "all-reduce-promotion" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_disable_hlo_passes=all-reduce-promotion").strip()
     cli.cpu_devices(int_from_argv(sys.argv, "devices", 8) * int_from_argv(sys.argv, "hosts", 1))
     from absl import app, flags
     from ml_collections import config_flags

@@ -83,7 +83,7 @@ def test_offload_adjusts_the_update_by_the_prompts_checkpoints(pm):
     assert pm.verdict([row, plain], 113) == {8: ("ref_logprobs", 113, True)}
     info = dict(devices=8, mesh={"seq": 8}, rules_changed={}, batch=1, group=8, new_tokens=16,
                 text=32, tokens={8: 167}, persistent={"opt_state": 3})
-    assert "**0.00** (adjusted 0.00)" in pm.markdown([row], info, 113)
+    assert "**0.00** (adjusted 0.00: less offload 0.00)" in pm.markdown([row], info, 113)
 
     c = config()
     ring = mesh(4)
@@ -131,3 +131,23 @@ def test_hosts_flag_spans_the_ring_over_the_nodes(tmp_path):
     report = json.loads((tmp_path / "plan_memory.json").read_text())
     assert report["devices"] == 16 and report["hosts"] == 2
     assert report["mesh"] == {"data": 1, "fsdp": 2, "seq": 8, "tensor": 1}
+
+
+def test_cpu_upcast_is_measured_for_bf16_updates_only(pm):
+    """XLA:CPU slices bf16 in float32 and hoists the upcast of the whole stacked checkpoints out
+    of the backward loop; the planner measures that temp by a second compile without loop-invariant
+    code motion and subtracts it in `adjusted` (a GPU slices bf16 in place)."""
+    quiet = lambda _: None  # noqa: E731
+    ring = mesh(4)
+    for dtype in ("float32", "bfloat16"):
+        c = config()
+        c.model.dtype, c.model.remat = dtype, True
+        update, = pm.plan_step(pm.Plan.build(c, ring), 16, phases=("update",), log=quiet)
+        s, llm = pm.step_shapes(c, ring, 16), c.model.llm
+        f32_stack = llm.num_layers * 2 * (s.padded_tokens // 4) * llm.hidden_size * 4
+        if dtype == "float32":
+            assert update.cpu_upcast == 0 and update.adjusted is None
+        else:   # at least the float32 copy of the layers' checkpoints
+            assert f32_stack <= update.cpu_upcast < update.temp
+            assert update.adjusted == update.peak - update.cpu_upcast
+            assert update.as_dict()["cpu_upcast"] == update.cpu_upcast

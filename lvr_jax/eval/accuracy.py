@@ -110,8 +110,8 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
     for batch in batches:
         b = on_mesh(batch, layout)
         feats = encode_batch(model, b["frames"], layout=layout)
-        x, mask = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout.pad_multiple)
-        tokens, _, lengths = sampler.generate_padded(x, mask, params)
+        prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout)
+        tokens, _, lengths = sampler.generate_padded(prompt, None, params)
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
                                        skip_special_tokens=True)
         for text, answer, cat, pid in zip(texts, batch["answer"], batch["category"],

@@ -49,7 +49,8 @@ from lvr_jax.rl.grpo import entropy as token_entropy
 from lvr_jax.rl.grpo import group_advantages, grpo_loss, masked_mean, token_logprobs
 from lvr_jax.rollout.sampler import Sampler, SamplingParams
 from lvr_jax.train.grpo import grpo_update, logprobs_under, optimizer_step
-from lvr_jax.train.memory_plan import compiled_outputs, place, sds, shard_bytes
+from lvr_jax.train.compiled import compiled_outputs
+from lvr_jax.train.memory_plan import place, sds, shard_bytes
 from lvr_jax.train.state import BATCH_AXES, replicate_stray_arrays
 from sharding.mesh import UNSHARDED, Layout, make_mesh, param_shardings
 from sharding.frame_parallel import vision_features
@@ -100,6 +101,13 @@ def mode_config(cfg, mode: str, mesh, rules=None):
     a = cfg.llm.attention
     a = dataclasses.replace(a, prompt=one_device_ring(mesh, rules, a.key_tile, a.tie()))
     return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attention=a))
+
+
+@functools.partial(nnx.jit, static_argnames=("multiple",), graph_updates=False)
+def left_padded_prompts(model, feats, ids, attn, multiple: int):
+    """The naive mode's prompts: spliced and left padded whole (`VLM.rollout_prompts`), not laid
+    out for the ring (`make_prompts`)."""
+    return model.rollout_prompts(feats, ids, attn, multiple)
 
 
 def full_logits(model, feats, ids, attn, responses, *, layout=UNSHARDED, multiple: int = 1):
@@ -287,8 +295,11 @@ class Runner:
     def rollout(self, ex, feats, ids, attn, seed: int):
         """Prompts, prefill, decode: (tokens [B*G, T], old log-probs, lengths)."""
         naive = self.mode == "naive"
-        x, mask = ex("encode", make_prompts, self.model, feats, ids, attn, self.multiple,
-                     held=self.held("opt", "ref"))
+        held = self.held("opt", "ref")
+        x, mask = (ex("encode", left_padded_prompts, self.model, feats, ids, attn, self.multiple,
+                      held=held) if naive else
+                   (ex("encode", make_prompts, self.model, feats, ids, attn, self.layout,
+                       held=held), None))
         run_prefill, run_init, run_decode = self.fns
         llm = nnx.state(self.model.llm)
         held = self.held("opt", "ref", "non_llm", extra=0 if naive else shard_bytes(feats))

@@ -218,12 +218,12 @@ class Generator:
                              f"{max_pos}; lower --num_frames or --max_new_tokens")
         layout, sampler = self.layout, self._sampler
         feats = encode_batch(model, jnp.asarray(pixels[None]), layout=layout)
-        x, mask = make_prompts(model, feats, jnp.asarray(ids[None]),
-                               jnp.ones((1, len(ids)), jnp.int32), layout.pad_multiple)
+        prompt = make_prompts(model, feats, jnp.asarray(ids[None]),
+                              jnp.ones((1, len(ids)), jnp.int32), layout)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                                 top_p=float(top_p), top_k=int(top_k),
                                 num_samples=int(num_samples))
-        tokens, _, lengths = sampler.generate_padded(x, mask, params, seed=int(seed))
+        tokens, _, lengths = sampler.generate_padded(prompt, None, params, seed=int(seed))
         stops = set(sampler.eos_ids)
         responses = []
         for row, n in zip(tokens, lengths):

@@ -244,8 +244,8 @@ def grpo(sizes: Sizes) -> dict:
     settings = GRPOSettings(dual_clip=3.0)
     for run in ("warm-up", "timed"):
         feats = phase("encode", encode_batch, model, frames)
-        x, mask = phase("prompts", make_prompts, model, feats, ids, attn, 1)
-        tokens, old, _ = phase("rollout", sampler.generate_padded, x, mask, params)
+        prompt = phase("prompts", make_prompts, model, feats, ids, attn)
+        tokens, old, _ = phase("rollout", sampler.generate_padded, prompt, None, params)
         responses = jnp.asarray(tokens.reshape(1, g, t))
         ref = phase("reference", logprobs_under, model, feats, ids, attn, responses, 1.0)
         adv = jnp.asarray(rng.standard_normal(g), jnp.float32)

@@ -22,6 +22,7 @@ from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_
 from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, compute_weight,
                                    map_chunks, param, rms_norm, rope_cos_sin, scan_layers, values)
 from sharding.mesh import UNSHARDED, Layout
+from lvr_jax.models.ring_prompt import RingPrompt, ring_size
 from sharding.sequence_parallel import shard_sequence
 
 
@@ -282,13 +283,16 @@ class Qwen2(nnx.Module):
         stacked = (values(self.layers, LAYER_PARAMS), tuple(per_layer))
         return scan_layers(layer, stacked, x.astype(cfg.dtype), remat=cfg.remat)
 
-    def _prompt(self, x, positions, segment_ids, layout: Layout):
+    def _prompt(self, x, positions, segment_ids, layout: Layout, laid_out: bool = False):
         """Prompts [B, L, E] through the stack, laid out for the layout: under a ring axis padded
-        and zigzag-ordered, sharded over it. Returns (hidden, (k, v), seg, where): everything in
-        that order, and `where[i]` = the index of original token i (None: not permuted)."""
+        and zigzag-ordered, sharded over it (`laid_out`: already so, a `RingPrompt`). Returns
+        (hidden, (k, v), seg, where): everything in that order, and `where[i]` = the index of
+        original token i (None: not permuted)."""
         seg = segment_ids
         where = None
-        if layout.seq_axis is not None:
+        if laid_out:
+            x = layout.constrain(x, ("batch", "length", None))
+        elif layout.seq_axis is not None:
             x, positions, seg, where = shard_sequence(layout, x, positions, seg)
         attend = prompt_attention(layout, self.cfg.attention)
         hidden, kv = self._stack(x, positions,
@@ -321,9 +325,22 @@ class Qwen2(nnx.Module):
         out = hidden if return_hidden else self.head(hidden, layout)
         return (out, (k, v)) if return_kv else out
 
-    def prefill(self, embeds, mask, *, layout: Layout = UNSHARDED) -> Prefix:
-        """Run left-padded prompts [B, Lp, E] (mask [B, Lp]) once; keep their K/V as the prefix.
-        Positions count the real tokens; padding is segment -1."""
+    def prefill(self, embeds, mask=None, *, layout: Layout = UNSHARDED) -> Prefix:
+        """Run prompts once; keep their K/V as the prefix. Either left-padded prompts [B, Lp, E]
+        with mask [B, Lp] (positions count the real tokens; padding is segment -1), or a
+        `RingPrompt` (mask None) already laid out for the layout's ring."""
+        if isinstance(embeds, RingPrompt):
+            if embeds.shards != ring_size(layout):
+                raise ValueError(f"RingPrompt laid out for a ring of {embeds.shards}, the layout's "
+                                 f"is {ring_size(layout)}")
+            positions, seg = embeds.positions, embeds.segments
+            hidden, (k, v), seg, _ = self._prompt(embeds.x, positions, seg, layout, laid_out=True)
+            lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
+            # the last real token, wherever the layout put it: a one-hot sum over the sharded
+            # length (a [B, E] reduction; indexing it would gather the whole hidden state)
+            last = (positions == lengths[:, None] - 1) & (seg >= 0)
+            h = jnp.einsum("bl,ble->be", last.astype(hidden.dtype), hidden)
+            return Prefix(k, v, seg >= 0, lengths, self.head(h))
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
         seg = jnp.where(mask, 0, -1).astype(jnp.int32)
         hidden, (k, v), seg, where = self._prompt(embeds, positions, seg, layout)

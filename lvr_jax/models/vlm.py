@@ -1,8 +1,8 @@
 """The video-language model: SigLIP -> NVILA projector -> Qwen2, frames spliced at a placeholder.
 
 Per GRPO step (MR-SP stage 1): `encode_batch` computes the vision features of a batch of clips
-once, frame-parallel over the layout's `frames` axis; `make_prompts` projects them and splices
-them into the prompts, left padded for `Qwen2.prefill` / `extend`.
+once, frame-parallel over the layout's `frames` axis; `make_prompts` projects them and lays the
+prompts out for the ring (`models.ring_prompt`) for `Qwen2.prefill` / `extend`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from flax import nnx
 from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.projector import Projector, projector_dims
 from lvr_jax.models.qwen2 import Qwen2, Qwen2Config, to_left_padded
+from lvr_jax.models.ring_prompt import RingPrompt, ring_prompts, ring_size
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from sharding.frame_parallel import vision_features
 from sharding.mesh import UNSHARDED, Layout
+from sharding.sequence_parallel import shard_sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,7 @@ class VLMConfig:
     projector_type: str = "mlp_downsample_2x2_fix"
     video_token_id: int = -1      # id of the `<vila/video>` placeholder in the prompt
     newline_token_id: int = 198   # "\n" in the Qwen2 vocabulary, appended after every frame
+    ring_prompt: bool = False     # `VLM.prompts`: built in the ring's layout, or spliced whole
 
     @property
     def tokens_per_frame(self) -> int:
@@ -107,6 +110,20 @@ class VLM(nnx.Module):
                                   video.shape[1], 1)
         return self.embed_prompt(ids, video), valid.astype(bool)
 
+    def prompts(self, feats, ids, attn, layout: Layout = UNSHARDED) -> RingPrompt:
+        """The prompts of a step as `Qwen2.prefill` takes them, in the ring's order and sharding:
+        built there (`cfg.ring_prompt`, `models.ring_prompt`) or spliced whole, left padded and
+        then cut up (`rollout_prompts` + `shard_sequence`). The same tokens at the same positions
+        either way."""
+        if self.cfg.ring_prompt:
+            return ring_prompts(self, feats, ids, attn, layout)
+        x, mask = self.rollout_prompts(feats, ids, attn, layout.pad_multiple)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        seg = jnp.where(mask, 0, -1).astype(jnp.int32)
+        if layout.seq_axis is not None:
+            x, positions, seg, _ = shard_sequence(layout, x, positions, seg)
+        return RingPrompt(x, positions, seg, shards=ring_size(layout))
+
     def rollout_prompts(self, feats, ids, attn, multiple: int = 1):
         """`prompt_from_features` left padded to a multiple of `multiple` (a layout's
         `pad_multiple`): (x [B, Lp, E], mask [B, Lp]) for `Qwen2.prefill`."""
@@ -141,10 +158,11 @@ def encode_batch(model: VLM, frames, layout: Layout = UNSHARDED):
     return model.batch_features(frames, layout)
 
 
-@functools.partial(nnx.jit, static_argnames=("multiple",), graph_updates=False)
-def make_prompts(model: VLM, feats, ids, attn, multiple: int = 1):
-    """Compiled `VLM.rollout_prompts`: left-padded prompt embeddings from cached features."""
-    return model.rollout_prompts(feats, ids, attn, multiple)
+@functools.partial(nnx.jit, static_argnames=("layout",), graph_updates=False)
+def make_prompts(model: VLM, feats, ids, attn, layout: Layout = UNSHARDED) -> RingPrompt:
+    """Compiled `VLM.prompts`: the prompts of cached features laid out (and sharded) for the
+    layout's ring, for `Qwen2.prefill` and the sampler."""
+    return model.prompts(feats, ids, attn, layout)
 
 
 def attention_options(section) -> AttentionOptions:
@@ -182,7 +200,8 @@ def vlm_config_from(model_cfg) -> VLMConfig:
                             frame_chunk=int(model_cfg.get("vision_chunk", 0))),
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),
-        newline_token_id=int(model_cfg["newline_token_id"]))
+        newline_token_id=int(model_cfg["newline_token_id"]),
+        ring_prompt=bool(model_cfg.get("ring_prompt", False)))
 
 
 def init_vlm(cfg: VLMConfig, seed: int = 0) -> VLM:

@@ -18,7 +18,8 @@ from sharding.mesh import UNSHARDED, Layout
 def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature: float = 1.0,
                       layout: Layout = UNSHARDED, with_entropy: bool = False):
     """log p(response token) [B, G, T] (float32) at the sampling temperature; optionally also
-    the per-token entropy [B, G, T]. The head's logits are taken `llm.cfg.logits_chunk` tokens
+    the per-token entropy [B, G, T]. The prompt: left-padded embeddings [B, Lp, E] + mask, or a
+    `RingPrompt` (mask None). The head's logits are taken `llm.cfg.logits_chunk` tokens
     at a time (`Qwen2.head_map`): never [B, G, T, V] at once, in the forward or the backward."""
     def stats(logits, tokens):
         logits = logits.astype(jnp.float32) / temperature
@@ -39,9 +40,9 @@ def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature
 def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,
                    layout: Layout = UNSHARDED, with_entropy: bool = False):
     """log p of responses [B, G, T] under the VLM `model`, from cached vision features and
-    right-padded prompt ids; the prompt runs once per group."""
-    x, mask = model.rollout_prompts(feats, ids, attn, layout.pad_multiple)
-    return response_logprobs(model.llm, x, mask, responses, temperature=temperature,
+    right-padded prompt ids; the prompt (`VLM.prompts`) runs once per group."""
+    prompt = model.prompts(feats, ids, attn, layout)
+    return response_logprobs(model.llm, prompt, None, responses, temperature=temperature,
                              layout=layout, with_entropy=with_entropy)
 
 

@@ -5,7 +5,7 @@ the devices jax has (N virtual CPU devices from launch/plan_memory.py), for a co
 mesh and sharding rules (one `Layout`), and reads `compiled.memory_analysis()` per device:
 
   encode        models.vlm.encode_batch      frame-parallel SigLIP features of the batch
-  prompts       models.vlm.make_prompts      projector + splice + left pad -> prompt embeddings
+  prompts       models.vlm.make_prompts      projector + text slots -> the ring-laid-out prompt
   prefill       Sampler.compiled: prefill    ring prefill of the prompts -> shared prefix K/V
   decode        Sampler.compiled: decode     G samples x max_new_tokens against the prefix
   ref_logprobs  train.grpo.logprobs_under    reference model log-probs of the responses
@@ -30,9 +30,20 @@ How memory is counted, per device (bytes of a device's shard):
   peak = args + outputs - alias + temp + held   (an upper estimate: XLA may free an argument or
                                a temp buffer before all outputs exist; alias = donated buffers
                                reused for outputs).
-  adjusted = peak - host_offload  (only on rows the planner corrects: with `model.remat_offload`
-                               the update's prompt checkpoints sit in pinned host memory on a
-                               GPU, but XLA:CPU drops the placement; `offloaded_checkpoints`)
+  adjusted = peak - host_offload - cpu_upcast  (only on rows the planner corrects)
+    host_offload               with `model.remat_offload` the update's prompt checkpoints sit in
+                               pinned host memory on a GPU, but XLA:CPU drops the placement
+                               (`offloaded_checkpoints`)
+    cpu_upcast                 XLA:CPU computes bf16 ops in float32 (converts around each one,
+                               slicing included); in the update's backward loop, loop-invariant
+                               code motion then hoists the upcast of a whole stacked bf16
+                               residual (the layers' checkpoints, 28 x tokens x hidden) out of the
+                               loop: a float32 copy of it, twice its bytes, that a GPU (bf16
+                               slices in place) never makes. Measured, not estimated: the update
+                               is compiled a second time with `while-loop-invariant-code-motion`
+                               off, and the drop in temp is the correction (`upcast_copies`;
+                               bf16 / fp16 programs only: in the tiny float32 update, with no
+                               upcasts, that drop is 12 KB of 19 MB of temp).
 The step fits when the largest phase peak (adjusted where there is one) is within the budget.
 
 Inputs are placed as the trainer places them (`Run.device_batch`: `train.state.BATCH_AXES` through
@@ -44,8 +55,8 @@ collectives differ per backend, and XLA:CPU computes bf16 dots with float32 resu
 [4096, 1024] x [1024, 4096] MLP block needs 3.5x the temp bytes of its bf16 activations), so
 bf16 activations count up to ~2x; float32-by-design buffers (attention scores, softmax state,
 logits, optimizer state) count the same. Read the numbers as upper estimates for a GPU. The
-XLA:CPU pass `all-reduce-promotion` must be off (launch/plan_memory.py does it): it aborts on the
-update's bf16 all-reduces.
+XLA:CPU pass `all-reduce-promotion` is off in every compile here (`cpu_compile`): it aborts on
+the update's bf16 all-reduces.
 
 What-if stand-ins (`Plan.build(..., stand_ins=("ring", "prefix"))`) replace an attention piece
 by an O(length) function of the same shapes, passed in the model config's `AttentionOptions`
@@ -53,7 +64,8 @@ by an O(length) function of the same shapes, passed in the model config's `Atten
 a lower bound for a tiled version of that piece.
 
 Sequence per prompt: frames x tokens_per_frame (257) + data.pipeline.max_length text tokens - 1
-(the video placeholder), padded to the layout's `pad_multiple` (2 x seq). Responses:
+(the video placeholder), as the ring holds it (`Shapes.padded_tokens`: with `model.ring_prompt`
+the ring layout's text slots and padding frames, else padded to 2 x seq). Responses:
 rl.max_new_tokens, G = rl.group_size, prompts per step: data.pipeline.batch_size (global) or
 `batch`.
 """
@@ -73,6 +85,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lvr_jax.models.attention import local_rows
+from lvr_jax.models.ring_prompt import prompt_length, ring_size
+from lvr_jax.train.compiled import compiled_outputs, cpu_compile, memory, upcast_copies
 from lvr_jax.models.vlm import VLM, encode_batch, make_prompts, remat_setting, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
@@ -152,6 +166,7 @@ class PhaseMemory:
     held_items: dict
     compile_s: float
     host_offload: int = 0     # bytes the CPU compile counts on the device that a GPU offloads
+    cpu_upcast: int = 0       # temp bytes of XLA:CPU's hoisted float32 copies of bf16 arrays
     collectives: list = dataclasses.field(default_factory=list)   # `collectives.summary`
 
     @property
@@ -160,8 +175,10 @@ class PhaseMemory:
 
     @property
     def adjusted(self) -> int | None:
-        """The peak less what a GPU keeps in host memory (`host_offload`); None: no correction."""
-        return self.peak - self.host_offload if self.host_offload else None
+        """The peak less what a GPU keeps in host memory (`host_offload`) and less XLA:CPU's
+        hoisted float32 copies of bf16 arrays (`cpu_upcast`); None: no correction."""
+        fix = self.host_offload + self.cpu_upcast
+        return self.peak - fix if fix else None
 
     @property
     def judged(self) -> int:
@@ -265,7 +282,9 @@ class Shapes:
     group: int
     new_tokens: int
     tokens_per_frame: int
-    multiple: int
+    shards: int             # the ring's devices
+    ring_prompt: bool       # `model.ring_prompt`
+
 
     @property
     def prompt_tokens(self) -> int:
@@ -273,7 +292,12 @@ class Shapes:
 
     @property
     def padded_tokens(self) -> int:
-        return -(-self.prompt_tokens // self.multiple) * self.multiple
+        """The prompt as the ring holds it: with `model.ring_prompt` its layout's slots and
+        padding frames, else padded to a multiple of 2 x the ring (`Layout.pad_multiple`)."""
+        if self.ring_prompt:
+            return prompt_length(self.text, self.frames, self.tokens_per_frame, self.shards)
+        multiple = 2 * self.shards if self.shards > 1 else 1
+        return -(-self.prompt_tokens // multiple) * multiple
 
 
 def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
@@ -289,33 +313,18 @@ def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
 
 
 def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
-    """Sizes of one step at `frames` frames (prompts padded to the layout's `pad_multiple`):
+    """Sizes of one step at `frames` frames (prompts laid out for the layout's ring):
     `batch` prompts per rollout (default: the config's, `settings.prompts_per_step`)."""
     p = config.data.pipeline
     return Shapes(batch=int(batch or settings.prompts_per_step(config, "rl")), frames=int(frames),
                   text=int(p.max_length),
                   group=int(config.rl.group_size), new_tokens=int(config.rl.max_new_tokens),
                   tokens_per_frame=vlm_config_from(config.model).tokens_per_frame,
-                  multiple=Layout.of(mesh, settings.sharding_rules(config)).pad_multiple)
+                  shards=ring_size(Layout.of(mesh, settings.sharding_rules(config))),
+                  ring_prompt=bool(config.model.get("ring_prompt", False)))
 
 
 # ------------------------------------------------------------------------------------ compile
-
-
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    return dict(args=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
-                alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes))
-
-
-def compiled_outputs(compiled):
-    """Output ShapeDtypeStructs (with shardings) of a compiled function: the result part of an
-    nnx.jit one, whose outputs are (args_state, kwargs_state, result), or (result, updates)
-    with graph_updates=False."""
-    if not hasattr(compiled, "compiled"):
-        return compiled.out_info
-    out = compiled.compiled.out_info
-    return out[0] if type(compiled).__name__ == "SimpleCompiled" else out[2]
 
 
 def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASES, log=print):
@@ -336,17 +345,23 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
 
     def record(name, lower):
         t0 = time.perf_counter()
-        compiled = lower().compile()
+        lowered = lower()
+        compiled = cpu_compile(lowered)
         dt = time.perf_counter() - t0
         items = {k: held_bytes[k] for k in HOLDS[name]}
         if name in want:
-            offload = offloaded_checkpoints(config, layout, s) if name == "update" else 0
+            update = name == "update"
+            offload = offloaded_checkpoints(config, layout, s) if update else 0
+            held_now = memory(compiled)
+            bf16 = jnp.dtype(config.model.dtype).itemsize < 4     # a float32 program has none
+            upcast = upcast_copies(lowered, held_now["temp"]) if update and bf16 else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
-                            compile_s=round(dt, 1), host_offload=offload,
-                            collectives=summary(collectives(compiled.as_text())),
-                            **_memory(compiled))
+                            compile_s=round(time.perf_counter() - t0, 1), host_offload=offload,
+                            cpu_upcast=upcast, collectives=summary(collectives(compiled.as_text())),
+                            **held_now)
             results.append(r)
-            adj = "" if r.adjusted is None else f" (adjusted {r.adjusted / GIB:.2f}: offload)"
+            why = ", ".join(w for w, b in (("offload", offload), ("CPU upcast", upcast)) if b)
+            adj = "" if r.adjusted is None else f" (adjusted {r.adjusted / GIB:.2f}: {why})"
             log(f"[plan_memory] {s.frames} frames {name:<12} args {r.args / GIB:7.2f} "
                 f"out {r.outputs / GIB:7.2f} alias {r.alias / GIB:6.2f} temp {r.temp / GIB:8.2f} "
                 f"held {r.held / GIB:6.2f} -> peak {r.peak / GIB:8.2f} GiB{adj}  ({dt:.0f}s)")
@@ -358,19 +373,19 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
     # Later phases need the shardings of earlier outputs, so the early ones always compile.
     if max(PHASES.index(p) for p in want) < 1:
         return results
-    x, mask = compiled_outputs(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids,
-                                                                            attn, s.multiple)))
-    held_bytes["prompt_embeds"] = shard_bytes((x, mask))
-    assert x.shape[1] == s.padded_tokens, (x.shape, s)
+    prompt = compiled_outputs(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids,
+                                                                           attn, layout)))
+    held_bytes["prompt_embeds"] = shard_bytes(prompt)
+    assert prompt.x.shape[1] == s.padded_tokens, (prompt.x.shape, s)
 
     g, t = s.group, s.new_tokens
     if want & {"prefill", "decode"}:
         params = settings.sampling_params(config)
         run_prefill, run_init, run_decode = Sampler(plan.model, mesh, rules=layout.table).compiled(params)
         llm_state = nnx.state(plan.model.llm)
-        prefix = compiled_outputs(record("prefill", lambda: run_prefill.lower(llm_state, x, mask)))
+        prefix = compiled_outputs(record("prefill", lambda: run_prefill.lower(llm_state, prompt, None)))
         if "decode" in want:
-            dstate = compiled_outputs(run_init.lower(prefix).compile())
+            dstate = compiled_outputs(cpu_compile(run_init.lower(prefix)))
             keys = sds((s.batch * g,), jax.random.key(0).dtype, mesh)
             record("decode", lambda: run_decode.lower(llm_state, prefix, dstate, keys))
 
@@ -416,14 +431,19 @@ def markdown(rows, plan_info: dict, budget: int) -> str:
              "compile s |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        adj = "" if r.adjusted is None else f" (adjusted {g(r.adjusted)})"
+        parts = [f"{w} {g(b)}" for w, b in (("offload", r.host_offload),
+                                             ("CPU upcast", r.cpu_upcast)) if b]
+        adj = "" if r.adjusted is None else f" (adjusted {g(r.adjusted)}: less {', '.join(parts)})"
         lines.append(f"| {r.frames} | {plan_info['tokens'][r.frames]} | {r.phase} | {g(r.args)} | "
                      f"{g(r.outputs)} | {g(r.alias)} | {g(r.temp)} | {g(r.held)} | "
                      f"**{g(r.peak)}**{adj} | {r.compile_s:.0f} |")
     if any(r.adjusted is not None for r in rows):
         lines += ["", "adjusted: the peak less the prompt's per-layer checkpoints that "
-                  "`model.remat_offload` keeps in pinned host memory on a GPU (XLA:CPU counts "
-                  "them on the device; `memory_plan.offloaded_checkpoints`)."]
+                  "`model.remat_offload` keeps in pinned host memory on a GPU (offload; XLA:CPU "
+                  "counts them on the device; `memory_plan.offloaded_checkpoints`) and less the "
+                  "float32 copies of bf16 arrays that XLA:CPU hoists out of the backward loop "
+                  "(CPU upcast: the temp that a compile without loop-invariant code motion does "
+                  "not spend; `memory_plan.upcast_copies`)."]
     lines += ["", f"Verdict against {budget / GIB:.0f} GiB per device:", ""]
     for f, (phase, peak, fits) in verdict(rows, budget).items():
         lines.append(f"- {f} frames: {'FITS' if fits else 'DOES NOT FIT'} (largest: {phase}, "

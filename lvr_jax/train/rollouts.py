@@ -178,9 +178,8 @@ def roll_out(run: Run, batch: dict, sampler: Sampler, seed: int, *, host_ids: bo
     b = run.device_batch(batch)
     with jax.profiler.TraceAnnotation("encode"):
         feats = step_features(run, batch, b)      # cached, or encoded (frames freed here)
-        x, mask = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"],
-                               layout.pad_multiple)
-    tokens, old_lp, lengths = sampler.generate_padded(x, mask, params, seed=seed)
+        prompt = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], layout)
+    tokens, old_lp, lengths = sampler.generate_padded(prompt, None, params, seed=seed)
     with jax.profiler.TraceAnnotation("reward"):
         scores = local_rewards(run, batch, tokens, lengths)
         adv = np.asarray(group_advantages(scores["reward"], params.num_samples))
