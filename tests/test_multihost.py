@@ -1,5 +1,7 @@
 """Multi-controller JAX: 2 processes x 4 CPU devices (gloo) run GRPO like 1 process x 8 devices,
-including a resume from a checkpoint that both processes wrote."""
+including a resume from a checkpoint that both processes wrote. A random model scored by a
+reward its replies vary under (`varied_reward`): what is compared is the distributed run, not
+learning (no SFT stage first)."""
 
 import gzip
 import json
@@ -20,37 +22,35 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 
 
+def varied_reward(replies, records):
+    """A reward that a random model's replies already vary under (their length mod 4), so GRPO's
+    advantages and loss are not all 0 without an SFT stage first."""
+    return [(len(r) % 4) / 3 for r in replies]
+
+
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny VLM SFT-trained on one-line reasoning, so GRPO samples get non-zero, varied
-    rewards (a random model never writes <answer>...</answer> and every advantage is 0)."""
+def run_inputs(tmp_path_factory):
+    """A tiny random VLM and a synthetic set; GRPO is scored by `varied_reward`."""
     from lvr_jax.data.synthetic import generate_dataset
     from lvr_jax.weights.tiny import make_random_checkpoint
 
     root = tmp_path_factory.mktemp("multihost")
     generate_dataset(root / "data", num_train=16, num_val=0, num_test=0, num_frames=16, size=28)
     rows = [json.loads(x) for x in open(root / "data" / "train.jsonl")]
-    with open(root / "data" / "short.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "reasoning": "i watched it"}) + "\n")
-    corpus = [r["problem"] for r in rows] + ["<think> i watched it </think> <answer> A </answer>"]
-    corpus += template_corpus()
+    corpus = [r["problem"] for r in rows] + template_corpus()
     make_random_checkpoint(demo.get_config().model, root / "init", corpus=corpus)
-    run([sys.executable, str(LAUNCH / "train_sft.py"), "--config=" + str(ROOT / "configs/demo.py:sft"),
-         f"--workdir={root / 'sft'}", f"--export={root / 'sft_model'}", "--config.train.steps=120",
-         *data_flags(root, root / "init"), "--config.data.pipeline.batch_size=4"])
     return root
 
 
 def data_flags(root: Path, init: Path) -> list[str]:
     return [f"--config.init_checkpoint={init}", f"--config.data.dir={root / 'data'}",
-            f"--config.data.train_files={root / 'data' / 'short.jsonl'}",
             "--config.data.pipeline.num_frames=4", "--config.train.log_every=100"]
 
 
 def grpo_cmd(root: Path, workdir: Path, steps: int) -> list[str]:
     return [sys.executable, str(LAUNCH / "train_grpo.py"), f"--config={ROOT / 'configs/demo.py'}",
-            f"--workdir={workdir}", *data_flags(root, root / "sft_model"),
+            f"--workdir={workdir}", *data_flags(root, root / "init"),
+            "--config.rl.reward_fn=tests.test_multihost:varied_reward",
             f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
             "--config.rl.group_size=4", "--config.rl.max_new_tokens=24",
             "--config.data.pipeline.batch_size=2"]
@@ -59,6 +59,7 @@ def grpo_cmd(root: Path, workdir: Path, steps: int) -> list[str]:
 def env():
     out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     out["JAX_PLATFORMS"] = "cpu"
+    out["PYTHONPATH"] = os.pathsep.join([str(ROOT), out.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return out
 
 
@@ -82,10 +83,10 @@ PHASES = ("encode", "prefill", "decode", "reward", "logprob", "update")
 
 
 @pytest.fixture(scope="module")
-def one_process(sft_model, tmp_path_factory):
+def one_process(run_inputs, tmp_path_factory):
     """1 process x 8 devices, STEPS GRPO steps, step 1 profiled."""
     workdir = tmp_path_factory.mktemp("one")
-    out = run(grpo_cmd(sft_model, workdir, STEPS) + ["--config.profile.start_step=1",
+    out = run(grpo_cmd(run_inputs, workdir, STEPS) + ["--config.profile.start_step=1",
                                                       "--config.profile.num_steps=1"])
     assert f"XLA trace (xplane + perfetto) of steps 1..1 in {workdir / 'trace'}" in out
     return workdir
@@ -106,18 +107,20 @@ def test_profiled_step_has_named_phases_in_order(one_process):
     assert all(step_start <= spans[p][0] and spans[p][1] <= step_end for p in PHASES)
 
 
-def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, sft_model,
+def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, run_inputs,
                                                                    tmp_path):
     steps = STEPS
     want = metrics(one_process)
     assert sorted(want) == list(range(1, steps + 1))
-    losses = [want[s]["loss"] for s in want]
-    assert any(abs(x) > 1e-4 for x in losses), f"degenerate GRPO run (all advantages 0): {losses}"
+    # all replies run to max_new_tokens (a random model), so at ratio 1 the policy loss is 0 up to
+    # rounding; the gradient is not, unless every advantage is 0
+    norms = [want[s]["grad_norm"] for s in want]
+    assert min(norms) > 1e-3, f"degenerate GRPO run (all advantages 0): {norms}"
 
     # 2 x 4 devices; SIGTERM once the step-2 checkpoint exists: both processes agree to stop at
     # the next step boundary, save together and exit 0; the rerun resumes there.
     two = tmp_path / "two"
-    proc = subprocess.Popen(two_processes(grpo_cmd(sft_model, two, steps)), env=env(),
+    proc = subprocess.Popen(two_processes(grpo_cmd(run_inputs, two, steps)), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = two / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 800
@@ -131,13 +134,15 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, s
     stopped = int(out.split("stopped by a signal at step ")[1].split(";")[0])
     assert 2 <= stopped < steps, out[-3000:]
 
-    out = run(two_processes(grpo_cmd(sft_model, two, steps)))
+    out = run(two_processes(grpo_cmd(run_inputs, two, steps)))
     assert f"resumed from checkpoint step {stopped}" in out
     got = metrics(two)
     assert sorted(got) == list(range(1, steps + 1))
     for step in want:
         for key in ("loss", "policy_loss", "kl", "entropy", "grad_norm"):
-            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-7,
+            # the policy loss is 0 up to rounding here (see above): 4e-8 apart in a passing run
+            atol = 5e-7 if key in ("loss", "policy_loss") else 1e-7
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=atol,
                                        err_msg=f"step {step} {key}")
         for key in ("reward_mean", "accuracy", "format_rate", "response_length"):
             assert got[step][key] == want[step][key], (step, key)
