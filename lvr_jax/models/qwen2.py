@@ -21,8 +21,8 @@ from flax import nnx, struct
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
 from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, compute_weight,
                                    map_chunks, param, rms_norm, rope_cos_sin, scan_layers, values)
-from sharding.mesh import UNSHARDED, Layout
 from lvr_jax.models.ring_prompt import RingPrompt, ring_size
+from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
 
 

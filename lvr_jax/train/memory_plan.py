@@ -86,10 +86,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lvr_jax.models.attention import local_rows
 from lvr_jax.models.ring_prompt import prompt_length, ring_size
-from lvr_jax.train.compiled import compiled_outputs, cpu_compile, memory, upcast_copies
 from lvr_jax.models.vlm import VLM, encode_batch, make_prompts, remat_setting, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from lvr_jax.train import settings
+from lvr_jax.train.compiled import compiled_outputs, cpu_compile, memory, upcast_copies
 from lvr_jax.train.collectives import collectives, summary
 from lvr_jax.train.grpo import grpo_update, logprobs_under
 from lvr_jax.train.state import BATCH_AXES, make_optimizer, trainable_filter
@@ -283,8 +283,8 @@ class Shapes:
     new_tokens: int
     tokens_per_frame: int
     shards: int             # the ring's devices
+    multiple: int           # the layout's `pad_multiple`
     ring_prompt: bool       # `model.ring_prompt`
-
 
     @property
     def prompt_tokens(self) -> int:
@@ -296,8 +296,7 @@ class Shapes:
         padding frames, else padded to a multiple of 2 x the ring (`Layout.pad_multiple`)."""
         if self.ring_prompt:
             return prompt_length(self.text, self.frames, self.tokens_per_frame, self.shards)
-        multiple = 2 * self.shards if self.shards > 1 else 1
-        return -(-self.prompt_tokens // multiple) * multiple
+        return -(-self.prompt_tokens // self.multiple) * self.multiple
 
 
 def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
@@ -316,11 +315,12 @@ def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
     """Sizes of one step at `frames` frames (prompts laid out for the layout's ring):
     `batch` prompts per rollout (default: the config's, `settings.prompts_per_step`)."""
     p = config.data.pipeline
+    layout = Layout.of(mesh, settings.sharding_rules(config))
     return Shapes(batch=int(batch or settings.prompts_per_step(config, "rl")), frames=int(frames),
                   text=int(p.max_length),
                   group=int(config.rl.group_size), new_tokens=int(config.rl.max_new_tokens),
                   tokens_per_frame=vlm_config_from(config.model).tokens_per_frame,
-                  shards=ring_size(Layout.of(mesh, settings.sharding_rules(config))),
+                  shards=ring_size(layout), multiple=layout.pad_multiple,
                   ring_prompt=bool(config.model.get("ring_prompt", False)))
 
 
