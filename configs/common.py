@@ -42,7 +42,7 @@ def tiny_vision() -> dict:
 def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix",
                  dtype="float32", param_dtype="float32", remat=False, vision_chunk=0,
                  logits_chunk=0, mlp_chunk=0, remat_offload=False, query_chunk=256,
-                 ring_prompt=False):
+                 ring_prompt=False, prefill_chunks=1):
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
@@ -62,6 +62,10 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     gradient; it pads each text slot to the ids' length (L - 1 tokens more than the spliced prompt,
     plus < 2n frames), cheap when frames dominate (the 7B at 4,096 frames: +0.3%), not for toy
     prompts of more text than video (the demo's: 816 tokens instead of 456), so off there.
+    `prefill_chunks`: the forward-only prefills (rollout, reference and old log-probs) run the
+    prompt in this many sequential chunks, each through the whole stack against the K/V of the
+    ones before, so no activation is longer than a chunk's share (1: the whole prompt at once);
+    the prefix is the same, the attention computes ~1 / chunks more (masked) sub-blocks.
     `query_chunk`: response queries per chunk of the training forward's attention to the prefix;
     a chunk's scores are [B, G, chunk, heads, prefix tokens per device] float32 (7.5 GiB for
     the 7B at 256 queries, G = 8 and 1024 frames on seq = 8), so long prompts want small chunks."""
@@ -69,7 +73,7 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
         llm=llm, vision=vision, projector_type=projector_type, dtype=dtype,
         param_dtype=param_dtype, remat=remat, video_token_id=-1, newline_token_id=198,
         vision_chunk=vision_chunk, logits_chunk=logits_chunk, mlp_chunk=mlp_chunk,
-        remat_offload=remat_offload, ring_prompt=ring_prompt,
+        remat_offload=remat_offload, ring_prompt=ring_prompt, prefill_chunks=prefill_chunks,
         attention=dict(key_tile=512, query_chunk=query_chunk, tie_positions="auto",
                        implementation="auto")))
 

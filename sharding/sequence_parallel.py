@@ -7,6 +7,12 @@ amount of attention work: an early chunk (little to attend to) paired with a lat
 
 After :func:`zigzag` the permuted array's contiguous block ``i`` of length ``length / n`` is what
 device ``i`` holds when the axis is sharded normally (``PartitionSpec(..., 'seq')``).
+
+Chunked (``chunks = S > 1``, for a prefill run chunk by chunk): the sequence is first cut into ``S``
+contiguous chunks and each is zigzagged on its own; device ``i`` holds, for every chunk ``s`` in
+order, that chunk's pieces ``i`` and ``2n - 1 - i``. So chunk ``s`` of every device's block,
+taken together, is chunk ``s`` of the sequence in the plain zigzag layout. ``S = 1`` is the plain
+zigzag.
 :func:`zigzag_positions` gives the global position of each permuted token, which is what the ring
 attention and RoPE need; :func:`unzigzag` restores the global order.
 """
@@ -43,14 +49,15 @@ def pad_to_multiple(x, num_shards: int, *, axis: int = 1, value=0):
     return pad_sequence(x, padded_length(length, num_shards), axis=axis, value=value), length
 
 
-def _check(length: int, num_shards: int) -> int:
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if length % (2 * num_shards):
-        raise ValueError(
-            f"length {length} is not a multiple of 2 * num_shards = {2 * num_shards}; pad it first"
-        )
-    return length // (2 * num_shards)
+def _check(length: int, num_shards: int, chunks: int = 1) -> int:
+    """Tokens per piece (a chunk's 1 / 2n)."""
+    if num_shards < 1 or chunks < 1:
+        raise ValueError(f"num_shards and chunks must be >= 1, got {num_shards}, {chunks}")
+    m = 2 * num_shards * chunks
+    if length % m:
+        raise ValueError(f"length {length} is not a multiple of 2 * num_shards * chunks = {m}; "
+                         f"pad it first")
+    return length // m
 
 
 def zigzag_chunk_order(num_shards: int) -> np.ndarray:
@@ -59,41 +66,44 @@ def zigzag_chunk_order(num_shards: int) -> np.ndarray:
     return np.stack([np.arange(n), 2 * n - 1 - np.arange(n)], axis=1).reshape(-1)
 
 
-def zigzag_indices(length: int, num_shards: int) -> np.ndarray:
+def zigzag_indices(length: int, num_shards: int, chunks: int = 1) -> np.ndarray:
     """Permutation ``perm`` with ``permuted[j] = x[perm[j]]``; ``perm[j]`` is token j's position."""
-    chunk = _check(length, num_shards)
-    order = zigzag_chunk_order(num_shards)
-    return (order[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)
+    n, piece = num_shards, _check(length, num_shards, chunks)
+    order = zigzag_chunk_order(n).reshape(n, 1, 2, 1)            # [device, chunk, half, token]
+    start = np.arange(chunks).reshape(1, chunks, 1, 1) * 2 * n * piece
+    return (start + order * piece + np.arange(piece).reshape(1, 1, 1, piece)).reshape(-1)
 
 
-def unzigzag_indices(length: int, num_shards: int) -> np.ndarray:
+def unzigzag_indices(length: int, num_shards: int, chunks: int = 1) -> np.ndarray:
     """Inverse of :func:`zigzag_indices`: ``x[i] = permuted[inv[i]]``."""
-    return np.argsort(zigzag_indices(length, num_shards))
+    return np.argsort(zigzag_indices(length, num_shards, chunks))
 
 
-def zigzag(x, num_shards: int, *, axis: int = 1):
-    """Reorder ``axis`` of ``x`` (length a multiple of ``2 * num_shards``) into zigzag order
-    (``x`` taken at :func:`zigzag_indices`). Written with reshapes, a reverse and a stack, not a
-    gather, so that neither it nor its transpose needs the whole axis on one device when the axis
-    is sharded."""
+def zigzag(x, num_shards: int, *, axis: int = 1, chunks: int = 1):
+    """Reorder ``axis`` of ``x`` (length a multiple of ``2 * num_shards * chunks``) into zigzag
+    order (``x`` taken at :func:`zigzag_indices`). Written with reshapes, a reverse, a stack and
+    (for chunks) a transpose, not a gather, so that neither it nor its transpose needs the whole
+    axis on one device when the axis is sharded."""
     if num_shards == 1:
-        return x  # chunks 0 and 1 in order: the identity
-    n, chunk = num_shards, _check(x.shape[axis], num_shards)
-    halves = x.reshape(x.shape[:axis] + (2, n, chunk) + x.shape[axis + 1:])
-    early = jax.lax.index_in_dim(halves, 0, axis, keepdims=False)           # chunks 0 .. n-1
-    late = jnp.flip(jax.lax.index_in_dim(halves, 1, axis, keepdims=False), axis)  # 2n-1 .. n
-    return jnp.stack([early, late], axis=axis + 1).reshape(x.shape)
+        return x  # pieces 0 and 1 of each chunk in order: the identity
+    n, piece = num_shards, _check(x.shape[axis], num_shards, chunks)
+    halves = x.reshape(x.shape[:axis] + (chunks, 2, n, piece) + x.shape[axis + 1:])
+    early = jax.lax.index_in_dim(halves, 0, axis + 1, keepdims=False)       # pieces 0 .. n-1
+    late = jnp.flip(jax.lax.index_in_dim(halves, 1, axis + 1, keepdims=False), axis + 1)
+    pairs = jnp.stack([early, late], axis=axis + 2)                         # [S, n, 2, piece]
+    return jnp.moveaxis(pairs, axis, axis + 1).reshape(x.shape)             # device-major
 
 
-def unzigzag(x, num_shards: int, *, axis: int = 1):
+def unzigzag(x, num_shards: int, *, axis: int = 1, chunks: int = 1):
     """Undo :func:`zigzag`: back to global order along ``axis`` (reshapes, like `zigzag`)."""
     if num_shards == 1:
         return x
-    n, chunk = num_shards, _check(x.shape[axis], num_shards)
-    pairs = x.reshape(x.shape[:axis] + (n, 2, chunk) + x.shape[axis + 1:])
-    early = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)
-    late = jnp.flip(jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False), axis)
-    return jnp.concatenate([early, late], axis=axis).reshape(x.shape)
+    n, piece = num_shards, _check(x.shape[axis], num_shards, chunks)
+    pairs = x.reshape(x.shape[:axis] + (n, chunks, 2, piece) + x.shape[axis + 1:])
+    pairs = jnp.moveaxis(pairs, axis + 1, axis)                             # [S, n, 2, piece]
+    early = jax.lax.index_in_dim(pairs, 0, axis + 2, keepdims=False)
+    late = jnp.flip(jax.lax.index_in_dim(pairs, 1, axis + 2, keepdims=False), axis + 1)
+    return jnp.concatenate([early, late], axis=axis + 1).reshape(x.shape)
 
 
 def zigzag_positions(length: int, num_shards: int, batch: int | None = None):
@@ -102,26 +112,29 @@ def zigzag_positions(length: int, num_shards: int, batch: int | None = None):
     return pos if batch is None else jnp.broadcast_to(pos, (batch, length))
 
 
-def shard_sequence(layout, input_embeds, positions, segment_ids=None):
-    """Pad to a multiple of 2n (padding: segment -1), zigzag-reorder and constrain the sequence
-    to its sharding: tokens over the layout's ring axis (`length`), rows over `batch` where the
-    mesh axes divide them (a `sharding.mesh.Layout` with a ring axis).
+def shard_sequence(layout, input_embeds, positions, segment_ids=None, chunks: int = 1):
+    """Pad to a multiple of 2n * chunks (padding: segment -1), zigzag-reorder (in `chunks`
+    chunks) and constrain the sequence to its sharding: tokens over the layout's ring axis
+    (`length`; n = 1 without one), rows over `batch` where the mesh axes divide them (a
+    `sharding.mesh.Layout`).
 
     Returns `(x, pos, seg, where)`: the permuted arrays and `where[i]`, the permuted index of
     original token i (so `x[:, where]` is the original order).
     """
     axis = layout.seq_axis
-    n = layout.mesh.shape[axis]
+    n = 1 if axis is None else layout.mesh.shape[axis]
     b, length = input_embeds.shape[:2]
-    lp = padded_length(length, n)
+    lp = padded_length(length, n * chunks)
     seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
-    x = zigzag(pad_sequence(input_embeds, lp), n)
-    pos = zigzag(pad_sequence(positions, lp), n)
-    seg = zigzag(pad_sequence(seg.astype(jnp.int32), lp, value=-1), n)
+    order = lambda a: zigzag(a, n, chunks=chunks)  # noqa: E731
+    x = order(pad_sequence(input_embeds, lp))
+    pos = order(pad_sequence(positions, lp))
+    seg = order(pad_sequence(seg.astype(jnp.int32), lp, value=-1))
     names = ("batch", "length") + (None,) * (x.ndim - 2)
     spec = layout.spec(names, x.shape)
-    if spec[1] != axis:
+    if axis is not None and spec[1] != axis:
         raise ValueError(f"the sharding rules put mesh axis {axis!r} on an earlier dimension than "
                          f"'length' ({spec}); keep it out of 'batch'")
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
-    return x, pos, seg, unzigzag_indices(lp, n)[:length]
+    if layout.mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+    return x, pos, seg, unzigzag_indices(lp, n, chunks)[:length]

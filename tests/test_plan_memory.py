@@ -92,7 +92,7 @@ def test_offload_adjusts_the_update_by_the_prompts_checkpoints(pm):
     assert pm.offloaded_checkpoints(c, layout, s) == 0
     c.model.remat, c.model.remat_offload = True, True
     llm = c.model.llm          # layers x prompts x a quarter of the padded prompt x hidden x f32
-    want = llm.num_layers * 2 * (s.padded_tokens // 4) * llm.hidden_size * 4
+    want = llm.num_layers * 2 * (s.padded() // 4) * llm.hidden_size * 4
     assert pm.offloaded_checkpoints(c, layout, s) == want > 0
     update, = pm.plan_step(pm.Plan.build(c, ring), 16, phases=("update",), log=lambda _: None)
     assert update.host_offload == want and update.adjusted == update.peak - want
@@ -144,7 +144,7 @@ def test_cpu_upcast_is_measured_for_bf16_updates_only(pm):
         c.model.dtype, c.model.remat = dtype, True
         update, = pm.plan_step(pm.Plan.build(c, ring), 16, phases=("update",), log=quiet)
         s, llm = pm.step_shapes(c, ring, 16), c.model.llm
-        f32_stack = llm.num_layers * 2 * (s.padded_tokens // 4) * llm.hidden_size * 4
+        f32_stack = llm.num_layers * 2 * (s.padded() // 4) * llm.hidden_size * 4
         if dtype == "float32":
             assert update.cpu_upcast == 0 and update.adjusted is None
         else:   # at least the float32 copy of the layers' checkpoints

@@ -333,13 +333,12 @@ class Qwen2(nnx.Module):
             if embeds.shards != ring_size(layout):
                 raise ValueError(f"RingPrompt laid out for a ring of {embeds.shards}, the layout's "
                                  f"is {ring_size(layout)}")
+            if embeds.chunks > 1:
+                return self._prefill_chunks(embeds, layout)
             positions, seg = embeds.positions, embeds.segments
             hidden, (k, v), seg, _ = self._prompt(embeds.x, positions, seg, layout, laid_out=True)
             lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
-            # the last real token, wherever the layout put it: a one-hot sum over the sharded
-            # length (a [B, E] reduction; indexing it would gather the whole hidden state)
-            last = (positions == lengths[:, None] - 1) & (seg >= 0)
-            h = jnp.einsum("bl,ble->be", last.astype(hidden.dtype), hidden)
+            h = last_hidden(hidden, positions, seg, lengths)
             return Prefix(k, v, seg >= 0, lengths, self.head(h))
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
         seg = jnp.where(mask, 0, -1).astype(jnp.int32)
@@ -347,6 +346,48 @@ class Qwen2(nnx.Module):
         last = embeds.shape[1] - 1 if where is None else int(where[-1])
         logits = self.head(hidden[:, last])     # one row: no weight gather
         return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
+
+    def _prefill_chunks(self, prompt: RingPrompt, layout: Layout) -> Prefix:
+        """`prefill` of a prompt laid out in S = `prompt.chunks` chunks, one chunk at a time
+        through the whole stack (forward only): chunk s attends to the K/V of chunks < s, kept
+        in a cache [layers, B, n, S, w, KVH, D] (w: a device's tokens of a chunk), and to its
+        own tokens, in one masked ring (the keys being longer than the queries, the ring takes
+        all its 4n sub-blocks; the part of the own chunk a causal mask hides, 1 / S of the
+        attention, is computed and masked). No activation is longer than a chunk's share; the
+        K/V come out in the prompt's order, so `Prefix.valid` is its mask."""
+        cfg, n, chunks = self.cfg, prompt.shards, prompt.chunks
+        b, lp = prompt.x.shape[:2]
+        w = lp // (n * chunks)
+        names = ("batch", "length") + (None,) * 4
+
+        def split(a):          # [B, Lp, ...] -> [B, n, S, w, ...]: each device's own block
+            a = a.reshape(b, n, chunks, w, *a.shape[2:])
+            return layout.constrain(a, names[:a.ndim])
+
+        x, pos, seg = split(prompt.x), split(prompt.positions), split(prompt.segments)
+        flat = lambda a: a.reshape(b, -1, *a.shape[4:])  # noqa: E731
+        cache = jnp.zeros((cfg.num_layers, b, n, chunks, w, cfg.num_kv_heads, cfg.head_dim),
+                          cfg.dtype)
+        cache = (layout.constrain(cache, (None, *names)),) * 2
+        attend = prompt_attention(layout, cfg.attention)
+        lengths = jnp.sum(prompt.segments >= 0, axis=1).astype(jnp.int32)
+        h = jnp.zeros((b, cfg.hidden_size), cfg.dtype)
+        for s in range(chunks):
+            q_pos, q_seg = flat(pos[:, :, s:s + 1]), flat(seg[:, :, s:s + 1])
+            k_pos, k_seg = flat(pos[:, :, :s + 1]), flat(seg[:, :, :s + 1])
+
+            def att(q, k, v, ck, cv, s=s, q_pos=q_pos, q_seg=q_seg, k_pos=k_pos, k_seg=k_seg):
+                own = lambda new, old: jnp.concatenate(  # noqa: E731
+                    [old[:, :, :s], new.reshape(b, n, 1, w, *new.shape[2:])], axis=2)
+                return attend(q, flat(own(k, ck)), flat(own(v, cv)), q_pos, k_pos, q_seg, k_seg)
+
+            hidden, kv = self._stack(flat(x[:, :, s:s + 1]), q_pos, att, per_layer=cache,
+                                     layout=layout, devices=n)
+            cache = tuple(c.at[:, :, :, s].set(a.reshape(-1, b, n, w, *a.shape[3:]))
+                          for c, a in zip(cache, kv))
+            h = h + last_hidden(hidden, q_pos, q_seg, lengths)
+        k, v = (c.reshape(cfg.num_layers, b, lp, *c.shape[-2:]) for c in cache)
+        return Prefix(k, v, prompt.segments >= 0, lengths, self.head(h))
 
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
         """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a
@@ -381,6 +422,14 @@ class Qwen2(nnx.Module):
                                 layout=layout if t > 1 else UNSHARDED)
         per_layer = lambda a: rows(a.reshape(-1, b, g, t, *a.shape[3:]), lead=1)  # noqa: E731
         return rows(x.reshape(b, g, t, -1)), (per_layer(k), per_layer(v))
+
+
+def last_hidden(hidden, positions, segments, lengths):
+    """[B, E]: each row's hidden state at its last real token (position `lengths` - 1), wherever
+    the layout put it (zero when this block has none): a one-hot sum over the sharded length, a
+    [B, E] reduction, where indexing would gather the whole hidden state."""
+    last = (positions == lengths[:, None] - 1) & (segments >= 0)
+    return jnp.einsum("bl,ble->be", last.astype(hidden.dtype), hidden)
 
 
 def to_left_padded(x, valid, multiple: int = 1):

@@ -16,7 +16,9 @@ number of frame-sized units of f tokens (f = tokens per frame):
 
 with k = ceil((L - 1) / f) units (L: the ids' length) for the text before the placeholder (left
 padded in its slot) and k for the text after it (left padded: the prompt's last token ends the
-array), and 2n * u units in all (n the ring size, u = ceil((T + 2k) / 2n) units per chunk).
+array), and 2n * u units in all (n the ring size, u = ceil((T + 2k) / 2n) units per ring chunk;
+a multiple of S for a prompt laid out in S chunks, `sequence_parallel.zigzag`'s `chunks`, which
+`Qwen2.prefill` then runs one chunk at a time).
 Padding is segment -1. The zigzag gives device d chunks d and 2n-1-d, whole units, so each
 device builds its piece from its own frames: the features (padded by k zero frames at both
 ends) are zigzagged by frame, the projector runs on each device's frames, and the 2k text
@@ -40,11 +42,14 @@ from sharding.sequence_parallel import zigzag, zigzag_indices
 class RingPrompt:
     """A batch of prompts laid out for a ring of `shards` devices (see the module docstring):
     x [B, Lp, E] (sharded over the layout's `length`), positions and segments [B, Lp] (segment
-    0: a real token, -1: padding), in the ring's order: what `Qwen2.prefill` takes as is."""
+    0: a real token, -1: padding), in the ring's order: what `Qwen2.prefill` takes as is.
+    `chunks` > 1: zigzagged chunk by chunk (`sequence_parallel.zigzag`) for a prefill in that
+    many sequential chunks (forward only; the training forward takes `chunks` = 1)."""
     x: jax.Array
     positions: jax.Array
     segments: jax.Array
     shards: int = struct.field(pytree_node=False, default=1)
+    chunks: int = struct.field(pytree_node=False, default=1)
 
     @property
     def shape(self):
@@ -65,14 +70,17 @@ def slot_units(text: int, tokens_per_frame: int) -> int:
     return max(1, -(-(text - 1) // tokens_per_frame))
 
 
-def chunk_units(text: int, frames: int, tokens_per_frame: int, shards: int) -> int:
-    """u: units per chunk, the 2n chunks holding both slots and the frames."""
-    return -(-(frames + 2 * slot_units(text, tokens_per_frame)) // (2 * shards))
+def chunk_units(text: int, frames: int, tokens_per_frame: int, shards: int, chunks: int = 1) -> int:
+    """u: units per ring chunk, the 2n chunks holding both slots and the frames (a multiple of
+    `chunks`, the prefill's sequential chunks)."""
+    need = frames + 2 * slot_units(text, tokens_per_frame)
+    return -(-need // (2 * shards * chunks)) * chunks
 
 
-def prompt_length(text: int, frames: int, tokens_per_frame: int, shards: int) -> int:
+def prompt_length(text: int, frames: int, tokens_per_frame: int, shards: int,
+                  chunks: int = 1) -> int:
     """Lp of a `RingPrompt` for ids of length `text` and `frames` frames."""
-    return 2 * shards * chunk_units(text, frames, tokens_per_frame, shards) * tokens_per_frame
+    return 2 * shards * chunk_units(text, frames, tokens_per_frame, shards, chunks) * tokens_per_frame
 
 
 def _text(ids, attn, video_token_id):
@@ -82,13 +90,14 @@ def _text(ids, attn, video_token_id):
     return at, jnp.maximum(post, 0)
 
 
-def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards: int):
+def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards: int,
+                chunks: int = 1):
     """Positions and segments [B, Lp] (in the ring's order) for placeholder indices `at` [B] and
     after-placeholder text lengths `post` [B]; also the ids' index of each slot token (pre and
     post slots, [B, S] each, -1 where padding)."""
     f, k = tokens_per_frame, slot_units(text, tokens_per_frame)
     s = k * f
-    total = prompt_length(text, frames, f, shards)
+    total = prompt_length(text, frames, f, shards, chunks)
     g = jnp.arange(total)[None, :]
     at, post = at[:, None], post[:, None]
     pre_i = g - (s - at)                                    # token index in the pre slot
@@ -102,24 +111,27 @@ def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards:
     post_src = jnp.where(slot >= s - post, at + 1 + slot - (s - post), -1)
     seg = jnp.where(ok, 0, -1).astype(jnp.int32)
     pos = jnp.where(ok, pos, 0).astype(jnp.int32)
-    return zigzag(pos, shards), zigzag(seg, shards), pre_src, post_src
+    order = lambda a: zigzag(a, shards, chunks=chunks)  # noqa: E731
+    return order(pos), order(seg), pre_src, post_src
 
 
-def ring_prompts(vlm, feats, ids, attn, layout: Layout) -> RingPrompt:
+def ring_prompts(vlm, feats, ids, attn, layout: Layout, chunks: int = 1) -> RingPrompt:
     """Vision features [B, T, N, C] + right-padded ids / attention mask [B, L] (one video
-    placeholder per row) -> `RingPrompt` for the layout's ring: equal, as attention sees it, to
-    `VLM.rollout_prompts` (same tokens at the same positions), but built where it is used."""
+    placeholder per row) -> `RingPrompt` for the layout's ring (in `chunks` prefill chunks):
+    equal, as attention sees it, to `VLM.rollout_prompts` (same tokens at the same positions),
+    but built where it is used."""
     n = ring_size(layout)
     b, frames = feats.shape[:2]
     text, f = ids.shape[1], vlm.cfg.tokens_per_frame
-    k, u = slot_units(text, f), chunk_units(text, frames, f, n)
+    k, u = slot_units(text, f), chunk_units(text, frames, f, n, chunks)
     pad = [(0, 0), (k, 2 * n * u - frames - k)] + [(0, 0)] * (feats.ndim - 2)
-    feats = layout.constrain(zigzag(jnp.pad(feats, pad), n), ("batch", "length", None, None))
+    feats = layout.constrain(zigzag(jnp.pad(feats, pad), n, chunks=chunks),
+                             ("batch", "length", None, None))
     video = jax.vmap(vlm.project_frames)(feats)           # [B, 2nu, f, E], each device its own
     video = layout.constrain(video, ("batch", "length", None, None))
     e = video.shape[-1]
     at, post = _text(ids, attn, vlm.cfg.video_token_id)
-    pos, seg, pre_src, post_src = ring_layout(at, post, text, frames, f, n)
+    pos, seg, pre_src, post_src = ring_layout(at, post, text, frames, f, n, chunks)
 
     def slot(src):
         emb = vlm.llm.embed_tokens(jnp.take_along_axis(ids, jnp.maximum(src, 0), axis=1))
@@ -127,7 +139,7 @@ def ring_prompts(vlm, feats, ids, attn, layout: Layout) -> RingPrompt:
 
     # the text units where the zigzag put natural units 0..k-1 and U-k..U-1; the rest video
     units = 2 * n * u
-    natural = zigzag_indices(units, n)
+    natural = zigzag_indices(units, n, chunks)
     src = np.where(natural < k, natural, np.where(natural >= units - k, natural - units + 2 * k,
                                                    2 * k))
     text_units = jnp.concatenate([slot(pre_src), slot(post_src)], 1).reshape(b, 2 * k, f, e)
@@ -136,4 +148,4 @@ def ring_prompts(vlm, feats, ids, attn, layout: Layout) -> RingPrompt:
                                ("batch", "length", None, None))
     x = jnp.where(jnp.asarray(src < 2 * k)[None, :, None, None], overlay, video)
     x = layout.constrain(x.reshape(b, -1, e), ("batch", "length", None))
-    return RingPrompt(x, pos, seg, shards=n)
+    return RingPrompt(x, pos, seg, shards=n, chunks=chunks)

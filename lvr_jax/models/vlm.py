@@ -32,6 +32,11 @@ class VLMConfig:
     video_token_id: int = -1      # id of the `<vila/video>` placeholder in the prompt
     newline_token_id: int = 198   # "\n" in the Qwen2 vocabulary, appended after every frame
     ring_prompt: bool = False     # `VLM.prompts`: built in the ring's layout, or spliced whole
+    prefill_chunks: int = 1       # forward-only prefills run the prompt in this many chunks
+
+    def __post_init__(self):
+        if self.prefill_chunks < 1:
+            raise ValueError(f"model.prefill_chunks must be >= 1, got {self.prefill_chunks}")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -110,19 +115,22 @@ class VLM(nnx.Module):
                                   video.shape[1], 1)
         return self.embed_prompt(ids, video), valid.astype(bool)
 
-    def prompts(self, feats, ids, attn, layout: Layout = UNSHARDED) -> RingPrompt:
+    def prompts(self, feats, ids, attn, layout: Layout = UNSHARDED,
+                forward_only: bool = False) -> RingPrompt:
         """The prompts of a step as `Qwen2.prefill` takes them, in the ring's order and sharding:
         built there (`cfg.ring_prompt`, `models.ring_prompt`) or spliced whole, left padded and
         then cut up (`rollout_prompts` + `shard_sequence`). The same tokens at the same positions
-        either way."""
+        either way. `forward_only`: laid out in `cfg.prefill_chunks` chunks, which
+        `Qwen2.prefill` runs one at a time (no gradient through that path's layout)."""
+        chunks = self.cfg.prefill_chunks if forward_only else 1
         if self.cfg.ring_prompt:
-            return ring_prompts(self, feats, ids, attn, layout)
+            return ring_prompts(self, feats, ids, attn, layout, chunks)
         x, mask = self.rollout_prompts(feats, ids, attn, layout.pad_multiple)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
         seg = jnp.where(mask, 0, -1).astype(jnp.int32)
-        if layout.seq_axis is not None:
-            x, positions, seg, _ = shard_sequence(layout, x, positions, seg)
-        return RingPrompt(x, positions, seg, shards=ring_size(layout))
+        if layout.seq_axis is not None or chunks > 1:
+            x, positions, seg, _ = shard_sequence(layout, x, positions, seg, chunks)
+        return RingPrompt(x, positions, seg, shards=ring_size(layout), chunks=chunks)
 
     def rollout_prompts(self, feats, ids, attn, multiple: int = 1):
         """`prompt_from_features` left padded to a multiple of `multiple` (a layout's
@@ -161,8 +169,8 @@ def encode_batch(model: VLM, frames, layout: Layout = UNSHARDED):
 @functools.partial(nnx.jit, static_argnames=("layout",), graph_updates=False)
 def make_prompts(model: VLM, feats, ids, attn, layout: Layout = UNSHARDED) -> RingPrompt:
     """Compiled `VLM.prompts`: the prompts of cached features laid out (and sharded) for the
-    layout's ring, for `Qwen2.prefill` and the sampler."""
-    return model.prompts(feats, ids, attn, layout)
+    layout's ring, for `Qwen2.prefill` and the sampler (forward only: in `prefill_chunks`)."""
+    return model.prompts(feats, ids, attn, layout, forward_only=True)
 
 
 def attention_options(section) -> AttentionOptions:
@@ -201,7 +209,8 @@ def vlm_config_from(model_cfg) -> VLMConfig:
         projector_type=model_cfg["projector_type"],
         video_token_id=int(model_cfg["video_token_id"]),
         newline_token_id=int(model_cfg["newline_token_id"]),
-        ring_prompt=bool(model_cfg.get("ring_prompt", False)))
+        ring_prompt=bool(model_cfg.get("ring_prompt", False)),
+        prefill_chunks=int(model_cfg.get("prefill_chunks", 1)))
 
 
 def init_vlm(cfg: VLMConfig, seed: int = 0) -> VLM:

@@ -38,10 +38,13 @@ def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature
 
 
 def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,
-                   layout: Layout = UNSHARDED, with_entropy: bool = False):
+                   layout: Layout = UNSHARDED, with_entropy: bool = False,
+                   forward_only: bool = False):
     """log p of responses [B, G, T] under the VLM `model`, from cached vision features and
-    right-padded prompt ids; the prompt (`VLM.prompts`) runs once per group."""
-    prompt = model.prompts(feats, ids, attn, layout)
+    right-padded prompt ids; the prompt (`VLM.prompts`) runs once per group. `forward_only`
+    (the reference and old log-probs, never differentiated): the prompt is prefilled in the
+    model's `prefill_chunks` chunks."""
+    prompt = model.prompts(feats, ids, attn, layout, forward_only=forward_only)
     return response_logprobs(model.llm, prompt, None, responses, temperature=temperature,
                              layout=layout, with_entropy=with_entropy)
 

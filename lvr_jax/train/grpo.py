@@ -40,7 +40,7 @@ def logprobs_under(model, feats, ids, attn, responses, temperature, layout=UNSHA
     """log p of the responses under `model` (the reference, or the policy for recomputed old
     log-probs), prompt run once per group."""
     return group_logprobs(model, feats, ids, attn, responses, temperature=temperature,
-                          layout=layout)
+                          layout=layout, forward_only=True)
 
 
 def minibatch(rows, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv):

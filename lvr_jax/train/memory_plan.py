@@ -34,16 +34,14 @@ How memory is counted, per device (bytes of a device's shard):
     host_offload               with `model.remat_offload` the update's prompt checkpoints sit in
                                pinned host memory on a GPU, but XLA:CPU drops the placement
                                (`offloaded_checkpoints`)
-    cpu_upcast                 XLA:CPU computes bf16 ops in float32 (converts around each one,
-                               slicing included); in the update's backward loop, loop-invariant
-                               code motion then hoists the upcast of a whole stacked bf16
-                               residual (the layers' checkpoints, 28 x tokens x hidden) out of the
-                               loop: a float32 copy of it, twice its bytes, that a GPU (bf16
-                               slices in place) never makes. Measured, not estimated: the update
-                               is compiled a second time with `while-loop-invariant-code-motion`
-                               off, and the drop in temp is the correction (`upcast_copies`;
-                               bf16 / fp16 programs only: in the tiny float32 update, with no
-                               upcasts, that drop is 12 KB of 19 MB of temp).
+    cpu_upcast                 XLA:CPU computes bf16 ops in float32 (slicing included); in a
+                               layer loop (LOOPED phases) loop-invariant code motion hoists the
+                               upcast of a whole stacked bf16 array (the update's checkpoints, a
+                               chunked prefill's K/V cache) out of it: a float32 copy a GPU never
+                               makes. Measured: the phase compiled again with
+                               `while-loop-invariant-code-motion` off, the drop in temp
+                               (`upcast_copies`; bf16 programs only: in the tiny float32 update
+                               that drop is 12 KB of 19 MB of temp).
 The step fits when the largest phase peak (adjusted where there is one) is within the budget.
 
 Inputs are placed as the trainer places them (`Run.device_batch`: `train.state.BATCH_AXES` through
@@ -64,8 +62,9 @@ by an O(length) function of the same shapes, passed in the model config's `Atten
 a lower bound for a tiled version of that piece.
 
 Sequence per prompt: frames x tokens_per_frame (257) + data.pipeline.max_length text tokens - 1
-(the video placeholder), as the ring holds it (`Shapes.padded_tokens`: with `model.ring_prompt`
-the ring layout's text slots and padding frames, else padded to 2 x seq). Responses:
+(the video placeholder), as the ring holds it (`Shapes.padded`: with `model.ring_prompt`
+the ring layout's text slots and padding frames, else padded to 2 x seq; x `model.prefill_chunks`
+for the forward-only phases). Responses:
 rl.max_new_tokens, G = rl.group_size, prompts per step: data.pipeline.batch_size (global) or
 `batch`.
 """
@@ -98,6 +97,7 @@ from sharding.multihost import batch_sharding
 
 GIB = 2 ** 30
 PHASES = ("encode", "prompts", "prefill", "decode", "ref_logprobs", "update")
+LOOPED = ("prefill", "ref_logprobs", "update")   # bf16 stacks read in a layer loop (`cpu_upcast`)
 
 # Arrays that outlive each phase without being its argument (names of `Plan.persistent`).
 # The input clips are an argument of encode only: grpo_step drops them after encoding.
@@ -116,8 +116,9 @@ HOLDS = {
 
 def ring_stand_in(q, k, v, *_):
     """O(length) stand-in for the prompt's ring attention (untiled sub-blocks [B, KVH, G, L/2n,
-    L/2n] float32 per device): q + (k + v) repeated over each KV head's query group."""
-    return q + jnp.repeat(k + v, q.shape[2] // k.shape[2], axis=2)
+    L/2n] float32 per device): q + (k + v) repeated over each KV head's query group (the last
+    Lq keys: a chunked prefill's own chunk)."""
+    return q + jnp.repeat((k + v)[:, k.shape[1] - q.shape[1]:], q.shape[2] // k.shape[2], axis=2)
 
 
 def prefix_stand_in(q, k, v, valid, *, scale, axis=None, scatter=False):
@@ -285,18 +286,20 @@ class Shapes:
     shards: int             # the ring's devices
     multiple: int           # the layout's `pad_multiple`
     ring_prompt: bool       # `model.ring_prompt`
+    chunks: int = 1         # `model.prefill_chunks` (the forward-only prompts)
 
     @property
     def prompt_tokens(self) -> int:
         return self.frames * self.tokens_per_frame + self.text - 1
 
-    @property
-    def padded_tokens(self) -> int:
-        """The prompt as the ring holds it: with `model.ring_prompt` its layout's slots and
-        padding frames, else padded to a multiple of 2 x the ring (`Layout.pad_multiple`)."""
+    def padded(self, chunks: int = 1) -> int:
+        """The prompt as the ring holds it, in `chunks` prefill chunks: with `model.ring_prompt`
+        its layout's slots and padding frames, else padded to 2 x ring x chunks."""
         if self.ring_prompt:
-            return prompt_length(self.text, self.frames, self.tokens_per_frame, self.shards)
-        return -(-self.prompt_tokens // self.multiple) * self.multiple
+            return prompt_length(self.text, self.frames, self.tokens_per_frame, self.shards, chunks)
+        multiple = 2 * self.shards * chunks if chunks > 1 else self.multiple
+        return -(-self.prompt_tokens // multiple) * multiple
+
 
 
 def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
@@ -307,7 +310,7 @@ def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
     if remat_setting(config.model) != "offload":
         return 0
     llm = vlm_config_from(config.model).llm
-    local = s.padded_tokens // layout.size("length")
+    local = s.padded() // layout.size("length")           # the update's prompt: one chunk
     return llm.num_layers * s.batch * local * llm.hidden_size * jnp.dtype(llm.dtype).itemsize
 
 
@@ -321,7 +324,8 @@ def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
                   group=int(config.rl.group_size), new_tokens=int(config.rl.max_new_tokens),
                   tokens_per_frame=vlm_config_from(config.model).tokens_per_frame,
                   shards=ring_size(layout), multiple=layout.pad_multiple,
-                  ring_prompt=bool(config.model.get("ring_prompt", False)))
+                  ring_prompt=bool(config.model.get("ring_prompt", False)),
+                  chunks=vlm_config_from(config.model).prefill_chunks)
 
 
 # ------------------------------------------------------------------------------------ compile
@@ -354,7 +358,7 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
             offload = offloaded_checkpoints(config, layout, s) if update else 0
             held_now = memory(compiled)
             bf16 = jnp.dtype(config.model.dtype).itemsize < 4     # a float32 program has none
-            upcast = upcast_copies(lowered, held_now["temp"]) if update and bf16 else 0
+            upcast = upcast_copies(lowered, held_now["temp"]) if bf16 and name in LOOPED else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
                             compile_s=round(time.perf_counter() - t0, 1), host_offload=offload,
                             cpu_upcast=upcast, collectives=summary(collectives(compiled.as_text())),
@@ -376,7 +380,7 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
     prompt = compiled_outputs(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids,
                                                                            attn, layout)))
     held_bytes["prompt_embeds"] = shard_bytes(prompt)
-    assert prompt.x.shape[1] == s.padded_tokens, (prompt.x.shape, s)
+    assert prompt.x.shape[1] == s.padded(s.chunks), (prompt.x.shape, s)
 
     g, t = s.group, s.new_tokens
     if want & {"prefill", "decode"}:
@@ -473,7 +477,7 @@ def run_plan(config, out, *, name: str = "plan_memory", frames=(512, 1024, 4096)
         s = step_shapes(config, mesh, f, batch)
         tokens[s.frames] = s.prompt_tokens
         log(f"[plan_memory] {s.frames} frames: {s.batch} prompts x {s.prompt_tokens} tokens "
-            f"(padded {s.padded_tokens}), G={s.group}, {s.new_tokens} new tokens")
+            f"(padded {s.padded(s.chunks)}), G={s.group}, {s.new_tokens} new tokens")
         rows += plan_step(plan, s.frames, batch=batch, phases=phases, log=log)
     budget = int(budget_gib * GIB)
     info = dict(devices=jax.device_count(), mesh=dict(mesh.shape), rules_changed=changed,
