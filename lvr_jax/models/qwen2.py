@@ -21,7 +21,7 @@ from flax import nnx, struct
 from lvr_jax.models.attention import AttentionOptions, branch_attention, prompt_attention
 from lvr_jax.models.layers import (ROPE_SCALING_TYPES, apply_rope, check_remat, compute_weight,
                                    map_chunks, param, rms_norm, rope_cos_sin, scan_layers, values)
-from lvr_jax.models.ring_prompt import RingPrompt, ring_size
+from lvr_jax.models.ring_prompt import RingPrompt, from_left_padded, ring_size
 from sharding.mesh import UNSHARDED, Layout
 from sharding.sequence_parallel import shard_sequence
 
@@ -326,26 +326,21 @@ class Qwen2(nnx.Module):
         return (out, (k, v)) if return_kv else out
 
     def prefill(self, embeds, mask=None, *, layout: Layout = UNSHARDED) -> Prefix:
-        """Run prompts once; keep their K/V as the prefix. Either left-padded prompts [B, Lp, E]
-        with mask [B, Lp] (positions count the real tokens; padding is segment -1), or a
-        `RingPrompt` (mask None) already laid out for the layout's ring."""
-        if isinstance(embeds, RingPrompt):
-            if embeds.shards != ring_size(layout):
-                raise ValueError(f"RingPrompt laid out for a ring of {embeds.shards}, the layout's "
-                                 f"is {ring_size(layout)}")
-            if embeds.chunks > 1:
-                return self._prefill_chunks(embeds, layout)
-            positions, seg = embeds.positions, embeds.segments
-            hidden, (k, v), seg, _ = self._prompt(embeds.x, positions, seg, layout, laid_out=True)
-            lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
-            h = last_hidden(hidden, positions, seg, lengths)
-            return Prefix(k, v, seg >= 0, lengths, self.head(h))
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        seg = jnp.where(mask, 0, -1).astype(jnp.int32)
-        hidden, (k, v), seg, where = self._prompt(embeds, positions, seg, layout)
-        last = embeds.shape[1] - 1 if where is None else int(where[-1])
-        logits = self.head(hidden[:, last])     # one row: no weight gather
-        return Prefix(k, v, seg >= 0, jnp.sum(mask, axis=1).astype(jnp.int32), logits)
+        """Run prompts once; keep their K/V as the prefix. A `RingPrompt` (mask None) already
+        laid out for the layout's ring (in `chunks` > 1: `_prefill_chunks`), or left-padded
+        prompts [B, Lp, E] with mask [B, Lp], laid out here (`ring_prompt.from_left_padded`)."""
+        prompt = embeds if isinstance(embeds, RingPrompt) else from_left_padded(embeds, mask,
+                                                                               layout)
+        if prompt.shards != ring_size(layout):
+            raise ValueError(f"RingPrompt laid out for a ring of {prompt.shards}, the layout's "
+                             f"is {ring_size(layout)}")
+        if prompt.chunks > 1:
+            return self._prefill_chunks(prompt, layout)
+        positions, seg = prompt.positions, prompt.segments
+        hidden, (k, v), seg, _ = self._prompt(prompt.x, positions, seg, layout, laid_out=True)
+        lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
+        h = last_hidden(hidden, positions, seg, lengths)
+        return Prefix(k, v, seg >= 0, lengths, self.head(h))
 
     def _prefill_chunks(self, prompt: RingPrompt, layout: Layout) -> Prefix:
         """`prefill` of a prompt laid out in S = `prompt.chunks` chunks, one chunk at a time

@@ -35,7 +35,7 @@ import numpy as np
 from flax import struct
 
 from sharding.mesh import Layout
-from sharding.sequence_parallel import zigzag, zigzag_indices
+from sharding.sequence_parallel import shard_sequence, zigzag, zigzag_indices
 
 
 @struct.dataclass
@@ -58,6 +58,18 @@ class RingPrompt:
     @property
     def mask(self) -> jax.Array:
         return self.segments >= 0
+
+
+def from_left_padded(x, mask, layout: Layout, chunks: int = 1) -> RingPrompt:
+    """Left-padded prompts x [B, L, E] with mask [B, L] (token prompts, or the spliced video
+    prompts of `VLM.rollout_prompts`) as a `RingPrompt`: positions count the real tokens,
+    padding is segment -1; under a ring (or in `chunks` > 1) padded, zigzagged and sharded
+    (`shard_sequence`)."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    seg = jnp.where(mask, 0, -1).astype(jnp.int32)
+    if layout.seq_axis is not None or chunks > 1:
+        x, positions, seg, _ = shard_sequence(layout, x, positions, seg, chunks)
+    return RingPrompt(x, positions, seg, shards=ring_size(layout), chunks=chunks)
 
 
 def ring_size(layout: Layout) -> int:

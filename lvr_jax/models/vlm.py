@@ -17,11 +17,10 @@ from flax import nnx
 from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.projector import Projector, projector_dims
 from lvr_jax.models.qwen2 import Qwen2, Qwen2Config, to_left_padded
-from lvr_jax.models.ring_prompt import RingPrompt, ring_prompts, ring_size
+from lvr_jax.models.ring_prompt import RingPrompt, from_left_padded, ring_prompts
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from sharding.frame_parallel import vision_features
 from sharding.mesh import UNSHARDED, Layout
-from sharding.sequence_parallel import shard_sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +125,7 @@ class VLM(nnx.Module):
         if self.cfg.ring_prompt:
             return ring_prompts(self, feats, ids, attn, layout, chunks)
         x, mask = self.rollout_prompts(feats, ids, attn, layout.pad_multiple)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        seg = jnp.where(mask, 0, -1).astype(jnp.int32)
-        if layout.seq_axis is not None or chunks > 1:
-            x, positions, seg, _ = shard_sequence(layout, x, positions, seg, chunks)
-        return RingPrompt(x, positions, seg, shards=ring_size(layout), chunks=chunks)
+        return from_left_padded(x, mask, layout, chunks)
 
     def rollout_prompts(self, feats, ids, attn, multiple: int = 1):
         """`prompt_from_features` left padded to a multiple of `multiple` (a layout's
