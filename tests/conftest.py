@@ -16,6 +16,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_default_prng_impl", "unsafe_rbg")
 
 
+def launch_env(cache=None) -> dict:
+    """The environment of a launch script a test runs: CPU, and with `cache` (a folder of that
+    test's own) a persistent compilation cache for every compile, so a rerun or a resumed run
+    loads the programs of the run before instead of compiling them again. Only for processes
+    that run one after another: none of them writes the folder while another does."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return env
+
+
 def perturb(model, seed: int, scale: float):
     """Add fresh noise to every Param in one compiled call (init leaves norms 1, biases 0)."""
     from flax import nnx

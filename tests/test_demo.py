@@ -2,7 +2,6 @@
 asking for other data is refused."""
 
 import dataclasses
-import os
 import re
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lvr_jax.eval.demo import DemoData, DemoInputError, check_existing_inputs
+from tests.conftest import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_STEPS = 6
@@ -29,7 +29,7 @@ def demo_cmd(workdir: Path) -> list[str]:
 
 
 def test_killed_demo_resumes_from_its_last_checkpoint(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = launch_env(tmp_path / "jit_cache")      # the rerun loads the killed run's programs
     work = tmp_path / "demo"
     first_log = tmp_path / "first.log"
     with first_log.open("w") as log:

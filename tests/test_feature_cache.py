@@ -29,7 +29,7 @@ from lvr_jax.rl.grpo import GRPOSettings
 from lvr_jax.train import features, settings
 from lvr_jax.train.grpo import grpo_update, logprobs_under
 from lvr_jax.train.state import Run, replicate_stray_arrays, trainable_filter
-from tests.conftest import perturb, synthetic_run_inputs
+from tests.conftest import launch_env, perturb, synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, BATCH = 4, 4
@@ -293,7 +293,7 @@ def test_grpo_runs_fill_then_read_the_cache_with_the_same_losses(tiny, tmp_path)
                f"--config.data.pipeline.num_frames={FRAMES}", f"--config.data.pipeline.feature_cache={cache}",
                "--config.rl.group_size=2", "--config.rl.max_new_tokens=8",
                "--config.mesh.fsdp=8", "--config.mesh.seq=1"]
-        out = subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600,
+        out = subprocess.run(cmd, env=launch_env(tmp_path / "jit_cache"), timeout=600,
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]

@@ -18,7 +18,7 @@ import pytest
 
 from lvr_jax.train import state as train_state
 from lvr_jax.train.loop import StopRequest
-from tests.conftest import synthetic_run_inputs
+from tests.conftest import launch_env, synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -45,7 +45,7 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_setup, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = launch_env(tmp_path / "jit_cache")      # the three runs compile the same programs
     full = tmp_path / "full"
     subprocess.run(sft_cmd(tiny_setup, full), check=True, env=env, timeout=600,
                    capture_output=True)
