@@ -7,14 +7,14 @@ amount of attention work: an early chunk (little to attend to) paired with a lat
 
 After :func:`zigzag` the permuted array's contiguous block ``i`` of length ``length / n`` is what
 device ``i`` holds when the axis is sharded normally (``PartitionSpec(..., 'seq')``).
+:func:`zigzag_positions` gives the global position of each permuted token, which is what the ring
+attention and RoPE need; :func:`unzigzag` restores the global order.
 
 Chunked (``chunks = S > 1``, for a prefill run chunk by chunk): the sequence is first cut into ``S``
 contiguous chunks and each is zigzagged on its own; device ``i`` holds, for every chunk ``s`` in
 order, that chunk's pieces ``i`` and ``2n - 1 - i``. So chunk ``s`` of every device's block,
 taken together, is chunk ``s`` of the sequence in the plain zigzag layout. ``S = 1`` is the plain
 zigzag.
-:func:`zigzag_positions` gives the global position of each permuted token, which is what the ring
-attention and RoPE need; :func:`unzigzag` restores the global order.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def shard_sequence(layout, input_embeds, positions, segment_ids=None, chunks: in
     original token i (so `x[:, where]` is the original order).
     """
     axis = layout.seq_axis
-    n = 1 if axis is None else layout.mesh.shape[axis]
+    n = layout.size("length")
     b, length = input_embeds.shape[:2]
     lp = padded_length(length, n * chunks)
     seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids

@@ -74,7 +74,7 @@ def from_left_padded(x, mask, layout: Layout, chunks: int = 1) -> RingPrompt:
 
 def ring_size(layout: Layout) -> int:
     """The ring's device count (1 without sequence parallelism)."""
-    return layout.size("length") if layout.seq_axis is not None else 1
+    return layout.size("length")
 
 
 def slot_units(text: int, tokens_per_frame: int) -> int:

@@ -94,6 +94,7 @@ from lvr_jax.train.grpo import grpo_update, logprobs_under
 from lvr_jax.train.state import BATCH_AXES, make_optimizer, trainable_filter
 from sharding.mesh import DEFAULT_RULES, Layout, make_mesh, param_shardings, rules_to_strings
 from sharding.multihost import batch_sharding
+from sharding.sequence_parallel import padded_length
 
 GIB = 2 ** 30
 PHASES = ("encode", "prompts", "prefill", "decode", "ref_logprobs", "update")
@@ -297,9 +298,9 @@ class Shapes:
         its layout's slots and padding frames, else padded to 2 x ring x chunks."""
         if self.ring_prompt:
             return prompt_length(self.text, self.frames, self.tokens_per_frame, self.shards, chunks)
-        multiple = 2 * self.shards * chunks if chunks > 1 else self.multiple
-        return -(-self.prompt_tokens // multiple) * multiple
-
+        if chunks > 1:                  # `shard_sequence` pads to 2 x ring x chunks
+            return padded_length(self.prompt_tokens, self.shards * chunks)
+        return -(-self.prompt_tokens // self.multiple) * self.multiple
 
 
 def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
@@ -356,13 +357,13 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
         if name in want:
             update = name == "update"
             offload = offloaded_checkpoints(config, layout, s) if update else 0
-            held_now = memory(compiled)
+            mem = memory(compiled)
             bf16 = jnp.dtype(config.model.dtype).itemsize < 4     # a float32 program has none
-            upcast = upcast_copies(lowered, held_now["temp"]) if bf16 and name in LOOPED else 0
+            upcast = upcast_copies(lowered, mem["temp"]) if bf16 and name in LOOPED else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
                             compile_s=round(time.perf_counter() - t0, 1), host_offload=offload,
                             cpu_upcast=upcast, collectives=summary(collectives(compiled.as_text())),
-                            **held_now)
+                            **mem)
             results.append(r)
             why = ", ".join(w for w, b in (("offload", offload), ("CPU upcast", upcast)) if b)
             adj = "" if r.adjusted is None else f" (adjusted {r.adjusted / GIB:.2f}: {why})"
