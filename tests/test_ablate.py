@@ -2,7 +2,6 @@
 run of the frames study end to end (outputs' structure; a rerun trains nothing)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from configs import demo as demo_config
 from lvr_jax.eval import ablation, ablation_report
+from tests.conftest import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_ablate_frames_study_at_toy_size(tmp_path):
            "--num_train=8", "--num_val=4", "--video_frames=16", "--sft_items=4",
            "--config.eval.max_new_tokens=8", "--config.eval.batch_size=4",
            "--config.data.pipeline.batch_size=2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = launch_env()
     out = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     got = json.loads((work / "results.json").read_text())

@@ -3,7 +3,6 @@ assembly of P groups over several draws (draw order, the bound, the fill), the d
 of held and new rollouts, and an end-to-end GRPO run through launch/train_grpo.py."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from lvr_jax.train.rollouts import (Assembler, Rollout, assemble, dynamic_sampli
                                 select_groups)
 from sharding.mesh import make_mesh
 from sharding.multihost import put_batch
-from tests.conftest import synthetic_run_inputs
+from tests.conftest import launch_env, synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 T = True
@@ -176,7 +175,7 @@ def test_grpo_run_with_dynamic_sampling(tiny_setup, tmp_path):
            "--config.mesh.fsdp=8", "--config.mesh.seq=1",        # no ring: compiles faster
            "--config.rl.dynamic_sampling=True", "--config.rl.dynamic_keep_key=accuracy",
            f"--config.rl.dynamic_max_draws={max_draws}"]
-    out = subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600,
+    out = subprocess.run(cmd, env=launch_env(), timeout=600,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))}

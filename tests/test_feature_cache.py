@@ -6,7 +6,6 @@ and recomputed, and launch/cache_features.py fills it."""
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +109,7 @@ def entries(cache) -> list[Path]:
 
 def test_launch_fills_cache_and_pipeline_returns_features(tiny, tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = launch_env()
     out = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "cache_features.py"),
          f"--config={ROOT / 'configs' / 'demo.py'}", f"--checkpoint={tiny.root / 'init'}",

@@ -3,7 +3,6 @@ on a fixed subset, logs the val_* metrics with those steps' rows, marks the best
 curves show it; the best survives a restart (best.json + its params checkpoint)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from lvr_jax.rl.rewards import REWARD_STYLES
 from lvr_jax.train.checkpoint import COMMIT_FILE, abstract_like, restore_params
 from lvr_jax.train.metrics import draw, read_metrics
 from lvr_jax.train.validation import BEST_FILE, BestCheckpoint, fixed_subset
-from tests.conftest import synthetic_run_inputs
+from tests.conftest import launch_env, synthetic_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, NUM = 7, 3, 4
@@ -36,7 +35,7 @@ def sft_run(tmp_path_factory):
            "--config.data.pipeline.num_frames=4", f"--config.eval.every={EVERY}",
            f"--config.eval.num_examples={NUM}", "--config.eval.max_new_tokens=8",
            "--config.eval.batch_size=4"]
-    out = subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600,
+    out = subprocess.run(cmd, env=launch_env(), timeout=600,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return workdir, out.stdout
