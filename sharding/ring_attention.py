@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from sharding import fused_blocks
 from sharding.mesh import Layout
 from sharding.ring_blocks import F32, KEY_TILE, bwd_block, chunks, fwd_block, group_heads
 from sharding.sequence_parallel import (
@@ -124,6 +125,13 @@ def _put(items, idx, new):
             for i in range(len(items))]
 
 
+def _fused(kernel: str, causal: bool, zigzag_schedule: bool) -> bool:
+    """Whether the sub-blocks go through a fused kernel (`sharding.fused_blocks`): its masks are
+    causal-by-index on the diagonal sub-blocks and segments, so a causal ring needs the zigzag
+    schedule (else positions decide, which only the tiled blocks express)."""
+    return kernel != "tiled" and (zigzag_schedule or not causal)
+
+
 def _early(axis_name):
     """`early(s)`: at ring step s this device holds the K/V of a device before it (i - s >= 0)."""
     i = jax.lax.axis_index(axis_name)
@@ -134,7 +142,7 @@ def _early(axis_name):
 
 
 def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile,
-                  tie_positions):
+                  tie_positions, kernel="tiled"):
     """Returns ``(out [B, Lq, H, D] q.dtype, lse [B, KVH, G, Lq] f32)``.
 
     ``tie_positions``: tie the positions / segment ids to q with an optimization_barrier. Under a
@@ -162,14 +170,21 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
               jnp.zeros((b, kvh, g, cq, d), F32)) for _ in range(nc)]
     state = _match_vma(state, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     early_at = _early(axis_name)
+    fused = _fused(kernel, causal, zz)
 
-    def step(state, kvb, pairs):
+    def step(state, kvb, pairs, first=False):
         kb, vb, kpb, ksb = (chunks(x, nc) for x in kvb)
         for a, c in pairs:
-            fold = functools.partial(
-                fwd_block, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c), q_pos=_pick(qp_c, a),
-                q_seg=_pick(qs_c, a), kv_pos=_pick(kpb, c), kv_seg=_pick(ksb, c), causal=causal,
-                scale=scale, key_tile=key_tile)
+            if fused:
+                fold = functools.partial(
+                    fused_blocks.fwd_block, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c),
+                    q_seg=_pick(qs_c, a), kv_seg=_pick(ksb, c), kernel=kernel, scale=scale,
+                    diag=causal and first and a == c)
+            else:
+                fold = functools.partial(
+                    fwd_block, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c),
+                    q_pos=_pick(qp_c, a), q_seg=_pick(qs_c, a), kv_pos=_pick(kpb, c),
+                    kv_seg=_pick(ksb, c), causal=causal, scale=scale, key_tile=key_tile)
             state = _put(state, a, fold(_pick(state, a)))
         return state
 
@@ -181,7 +196,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
     kvb = (k, v, kv_pos, kv_seg)
     if n > 1:
         nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))   # in flight during step 0
-    state = step(state, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None))
+    state = step(state, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None), first=True)
     if n > 1:
         def body(s, carry):
             state, kvb = carry
@@ -192,20 +207,24 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
         state = step(state, kvb, pairs_at(n - 1))
 
     outs, lses = [], []
-    for m, l, acc in state:
+    for (m, l, acc), seg in zip(state, qs_c):
         ok = l > 0
         o = acc / jnp.where(ok, l, 1.0)[..., None]  # rows with no key: acc == 0 -> 0
+        if fused:   # every key scored (masked ones at -2^15 * scale): zero the padding rows
+            o = jnp.where((seg >= 0)[:, None, None, :, None], o, 0.0)
         outs.append(o.transpose(0, 3, 1, 2, 4))  # [B, Cq, KVH, G, D]
         lses.append(jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0))
-    out = jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
-    return out, jnp.concatenate(lses, axis=-1)
+    out = jnp.concatenate(outs, axis=1).reshape(b, lq, h, d)
+    if fused:
+        out = jnp.where(fused_blocks.segments_ok(q_seg, kv_seg), out, jnp.nan)
+    return out.astype(q.dtype), jnp.concatenate(lses, axis=-1)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_name, causal,
-                   scale, key_tile):
+                   scale, key_tile, kernel="tiled"):
     b, lq, _, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
     n = jax.lax.axis_size(axis_name)
@@ -213,6 +232,10 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     zz = _zigzag_ok(causal, lq) and lk == lq
     qg, dog = group_heads(q, kvh), group_heads(dout.astype(q.dtype), kvh)
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32), group_heads(out, kvh).astype(F32))
+    fused = _fused(kernel, causal, zz)
+    if fused:   # padding rows were zeroed after the kernel: no gradient flows through them
+        dog = jnp.where((q_seg >= 0)[:, :, None, None, None], dog, 0)
+        o_c = chunks(group_heads(out, kvh), nc)
     q_c, do_c = chunks(qg, nc), chunks(dog, nc)
     qp_c, qs_c = chunks(q_pos, nc), chunks(q_seg, nc)
     lse_c, delta_c = chunks(lse, nc, axis=3), chunks(delta, nc, axis=3)
@@ -222,10 +245,18 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     dkv = _match_vma((zeros, list(zeros)), *refs)
     early_at = _early(axis_name)
 
-    def step(dq, dkv, kvb, pairs):
+    def step(dq, dkv, kvb, pairs, first=False):
         kb, vb, kpb, ksb = (chunks(x, nc) for x in kvb)
         dk, dv = dkv
         for a, c in pairs:
+            if fused:
+                new = fused_blocks.bwd_block(
+                    (_pick(dq, a), _pick(dk, c), _pick(dv, c)), q=_pick(q_c, a), k=_pick(kb, c),
+                    v=_pick(vb, c), o=_pick(o_c, a), lse=_pick(lse_c, a), do=_pick(do_c, a),
+                    q_seg=_pick(qs_c, a), kv_seg=_pick(ksb, c), kernel=kernel, scale=scale,
+                    diag=causal and first and a == c)
+                dq, dk, dv = _put(dq, a, new[0]), _put(dk, c, new[1]), _put(dv, c, new[2])
+                continue
             new = bwd_block((_pick(dq, a), _pick(dk, c), _pick(dv, c)), q=_pick(q_c, a),
                             k=_pick(kb, c), v=_pick(vb, c), do=_pick(do_c, a),
                             lse=_pick(lse_c, a), delta=_pick(delta_c, a), q_pos=_pick(qp_c, a),
@@ -242,7 +273,7 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     kvb = (k, v, kv_pos, kv_seg)
     if n > 1:
         nxt = jax.lax.ppermute(kvb, axis_name, _ring_perm(n))   # K/V in flight during step 0
-    dq, dkv = step(dq, dkv, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None))
+    dq, dkv = step(dq, dkv, kvb, [(0, 0)] if nc == 1 else _pairs(zz, True, None), first=True)
     if n > 1:
         hop = functools.partial(jax.lax.ppermute, axis_name=axis_name, perm=_ring_perm(n))
         dkv = hop(dkv)                                 # dK/dV travel with their K/V
@@ -265,22 +296,23 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
 # ----------------------------------------------------------------------------- custom vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie, kernel):
     return _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile,
-                         tie)[0]
+                         tie, kernel)[0]
 
 
-def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie):
+def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale, key_tile, tie,
+              kernel):
     out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scale,
-                                key_tile, tie)
+                             key_tile, tie, kernel)
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(axis_name, causal, scale, key_tile, tie, res, dout):
+def _ring_bwd(axis_name, causal, scale, key_tile, tie, kernel, res, dout):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     dq, dk, dv = _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout,
-                                axis_name, causal, scale, key_tile)
+                                axis_name, causal, scale, key_tile, kernel)
     return dq, dk, dv, None, None, None, None
 
 
@@ -304,7 +336,8 @@ def _ints(*xs):
 
 
 def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
-                         scale=None, key_tile: int = KEY_TILE, tie_positions: bool = False):
+                         scale=None, key_tile: int = KEY_TILE, tie_positions: bool = False,
+                         kernel: str = "auto"):
     """Ring attention on this device's shard; call inside a ``shard_map`` over ``axis_name``.
 
     Args:
@@ -318,6 +351,9 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, ca
       key_tile: keys per score tile inside a sub-block (memory, not the result).
       tie_positions: tie positions / segments to q (see `_ring_forward`; memory under a
         differentiated layer scan, not the result).
+      kernel: the sub-blocks' kernel (`fused_blocks.kernel_for`): "tiled" einsum blocks, "cudnn"
+        fused flash attention, "xla" (the fused contract on XLA, for tests), "auto" = cuDNN on a
+        GPU for bf16 / fp16, else tiled. A causal ring off the zigzag schedule runs tiled.
 
     Returns ``[B, Lq, H, D]`` in q's dtype; rows with no key to attend are 0. Differentiable in
     q, k, v (custom VJP with a second ring pass). Each local block is split into 2 chunks (when its
@@ -327,11 +363,11 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, ca
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
     return _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal), scale,
-                 int(key_tile), bool(tie_positions))
+                 int(key_tile), bool(tie_positions), fused_blocks.kernel_for(kernel, q.dtype))
 
 
 def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_name, causal=True,
-                               scale=None, key_tile: int = KEY_TILE):
+                               scale=None, key_tile: int = KEY_TILE, kernel: str = "auto"):
     """Forward only, for tests / benchmarks: ``(out, lse [B, KVH, G, Lq], computed_blocks)``.
 
     ``computed_blocks`` (int32 scalar, per device): the (query chunk, key chunk) sub-blocks the
@@ -341,7 +377,7 @@ def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_na
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q_pos, kv_pos, q_seg, kv_seg = _ints(q_pos, kv_pos, q_seg, kv_seg)
     out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal),
-                             scale, int(key_tile), False)
+                             scale, int(key_tile), False, fused_blocks.kernel_for(kernel, q.dtype))
     count = num_blocks(jax.lax.axis_size(axis_name), bool(causal), q.shape[1])
     return out, lse, _match_vma(jnp.asarray(count, jnp.int32), q)
 
@@ -363,7 +399,7 @@ NAMES = ("batch", "length", "kv_heads", None)   # q/k/v; query heads follow the 
 
 
 def ring_attention_fn(layout, *, causal: bool = True, key_tile: int = KEY_TILE,
-                      tie_positions: bool = False):
+                      tie_positions: bool = False, kernel: str = "auto"):
     """`attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` running the ring over the ring axis of
     `layout` (a `sharding.mesh.Layout`: logical 'length') on global arrays whose length is
     already padded and zigzag-ordered (`sequence_parallel.shard_sequence`).
@@ -380,14 +416,14 @@ def ring_attention_fn(layout, *, causal: bool = True, key_tile: int = KEY_TILE,
         if q_seg is None:
             q_seg = kv_seg = jnp.zeros(q.shape[:2], jnp.int32)
         ring = _sharded_ring(layout.mesh, axis, layout.spec(NAMES, k.shape), causal=causal,
-                             key_tile=key_tile, tie_positions=tie_positions)
+                             key_tile=key_tile, tie_positions=tie_positions, kernel=kernel)
         return ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
     return attend
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = True,
-                   segment_ids=None, key_tile: int = KEY_TILE):
+                   segment_ids=None, key_tile: int = KEY_TILE, kernel: str = "auto"):
     """Self-attention with the sequence sharded over ``mesh`` axis ``axis`` (a ring).
 
     Args:
@@ -399,6 +435,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = Tru
       segment_ids: optional int ``[batch, length]`` (or ``[length]``); attention stays within
         equal ids; negative ids are padding (attend to nothing, are attended by nothing).
       key_tile: keys per score tile inside a sub-block (memory, not the result).
+      kernel: the sub-blocks' kernel (see `ring_attention_local`).
 
     Any length works: the sequence is padded to a multiple of ``2 * mesh.shape[axis]`` (padding
     gets segment -1), zigzag-reordered, attended, and restored. Equals dense attention
@@ -420,5 +457,5 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "seq", causal: bool = Tru
     layout = Layout.of(mesh, {"length": axis,
                               "batch": tuple(a for a in ("data", "fsdp") if a != axis)})
     ring = _sharded_ring(mesh, axis, layout.spec(NAMES, k.shape), causal=causal,
-                         key_tile=key_tile)
+                         key_tile=key_tile, kernel=kernel)
     return unzigzag(ring(q, k, v, pos, pos, seg, seg), n)[:, :length]

@@ -21,8 +21,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert "error" not in got[section], got[section]
     block = got["sub_block"]
     assert block["fused_implementation"] == "xla"          # CPU: XLA's, same contract
+    assert block["ring_kernel"] == "xla"
+    assert max(block["ring_fused_rel_err"].values()) < 1e-5, block["ring_fused_rel_err"]
     assert min(block[f"{k}_s"] for k in ("einsum_forward", "einsum_backward", "fused_forward",
-                                         "fused_forward_backward")) > 0
+                                         "fused_forward_backward", "ring_fused_forward",
+                                         "ring_fused_backward")) > 0
     assert got["prefill"]["tflops"] > 0 and got["prefill"]["mfu"] is None   # no CPU peak
     assert got["decode"]["ms_per_step"] > 0
     assert set(got["grpo"]["timed"]) == {"encode", "prompts", "rollout", "reference", "update"}

@@ -36,14 +36,18 @@ def full_sequence_logprobs(llm, embeds, mask, responses, temperature):
     return jnp.take_along_axis(lp_, tok[..., None], -1)[..., 0].reshape(b, G, T)
 
 
-# G = 3 branches run on every seq device; G = 4 are split over the 4 (each device runs one)
-@pytest.mark.parametrize("shape,chunk,G", [(None, None, 3), ({"seq": 4, "data": -1}, None, 3),
-                                           ({"seq": 4, "data": -1}, 3, 4)])
-def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, G):
+# G = 3 branches run on every seq device; G = 4 are split over the 4 (each device runs one);
+# "xla": the ring's sub-blocks and the prefix attention through the fused kernels' contract
+@pytest.mark.parametrize("shape,chunk,G,impl", [(None, None, 3, "auto"),
+                                                ({"seq": 4, "data": -1}, None, 3, "auto"),
+                                                ({"seq": 4, "data": -1}, 3, 4, "auto"),
+                                                ({"seq": 4, "data": -1}, 3, 4, "xla")])
+def test_shared_prefix_loss_and_grads_equal_full_sequences(shape, chunk, G, impl):
     cfg = vlm_config_from(tiny.get_config().model)
     if chunk:   # T - 1 = 4 teacher-forced queries, and their logits, in chunks of 3 (one padded)
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
-            cfg.llm, attention=AttentionOptions(query_chunk=chunk), logits_chunk=chunk))
+            cfg.llm, attention=AttentionOptions(query_chunk=chunk, implementation=impl),
+            logits_chunk=chunk))
     model = perturb(init_vlm(cfg, 2), seed=9, scale=0.2)
     llm = model.llm
     rng = np.random.default_rng(3)

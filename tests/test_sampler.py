@@ -1,11 +1,14 @@
 """KV-cache sampler vs full-forward recompute, shared prefix vs repeated prompts, EOS / stops."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
+from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from sharding.mesh import make_mesh
@@ -14,9 +17,16 @@ from tests.conftest import perturb
 T = 6
 
 
+def make_vlm(implementation="auto"):
+    cfg = vlm_config_from(tiny.get_config().model)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
+        cfg.llm, attention=AttentionOptions(implementation=implementation)))
+    return perturb(init_vlm(cfg, 1), seed=5, scale=0.3)
+
+
 @pytest.fixture(scope="module")
 def vlm():
-    return perturb(init_vlm(vlm_config_from(tiny.get_config().model), 1), seed=5, scale=0.3)
+    return make_vlm()
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +50,13 @@ def teacher_forced(llm, prompt, tokens, temperature=1.0):
 
 
 # ring 2: ring tests. seq 4 with G = 4: each device decodes one branch of each prompt
-# (`Layout.branch_axis`); seq 8 with G = 2: every device decodes all of them
-@pytest.mark.parametrize("shape,g", [(None, 2), ({"seq": 4, "data": -1}, 4), ({"seq": 8}, 2)])
-def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g):
+# (`Layout.branch_axis`); seq 8 with G = 2: every device decodes all of them. "xla": the ring's
+# sub-blocks and the prefix attention through the fused kernels' contract (`sharding.fused_blocks`)
+@pytest.mark.parametrize("shape,g,impl", [(None, 2, "auto"), ({"seq": 4, "data": -1}, 4, "auto"),
+                                          ({"seq": 8}, 2, "auto"),
+                                          ({"seq": 4, "data": -1}, 4, "xla")])
+def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g, impl):
+    vlm = make_vlm(impl) if impl != "auto" else vlm
     mesh = make_mesh(shape) if shape else None
     sampler = Sampler(vlm, mesh)
     assert sampler.layout.branch_axis(3, g) == ("seq" if g == 4 else None)

@@ -3,10 +3,14 @@
 Sections (each timed after a warm-up call, median of `repeats`; compile time not counted; a
 section that fails records its error and the others still run):
   device     backend, device kind, cuDNN version
-  sub_block  one attention sub-block [B, L, H, KVH, D], causal: the ring's own tiled einsum
-             (`sharding.ring_blocks`: forward fold, backward block) against
-             `jax.nn.dot_product_attention` (cuDNN on a GPU, XLA on CPU), forward and
-             forward+backward, TFLOP/s (FLOPs by formula) and compiled temp bytes
+  sub_block  one attention sub-block [B, L, H, KVH, D], causal: the ring's tiled einsum blocks
+             (`sharding.ring_blocks`: forward fold, backward block), the ring's fused blocks
+             (`sharding.fused_blocks`: cuDNN on a GPU, its XLA stand-in on CPU; segment dims
+             added, global statistics in the backward) and plain
+             `jax.nn.dot_product_attention`, forward and forward+backward, TFLOP/s (FLOPs by
+             formula) and compiled temp bytes; the fused blocks' relative error to the einsum
+             ones (output, dQ, dK, dV): the check that the cuDNN path computes what the CPU
+             tests prove of its contract
   prefill    a Qwen2 prefill of one prompt (`Qwen2.prefill`, one device), MFU with the model
              FLOPs counted by formula (`qwen2_flops`), not by cost_analysis
   decode     ms per decode step for G branches against a prefix (`Sampler.compiled`), and the
@@ -92,6 +96,7 @@ def _temp_bytes(fn, *args) -> int:
 def sub_block(sizes: Sizes) -> dict:
     """Causal attention on one sub-block: the ring's tiled einsum vs the fused kernel."""
     from lvr_jax.models.attention import fused_implementation
+    from sharding import fused_blocks
     from sharding.ring_blocks import KEY_TILE, bwd_block, fwd_block, group_heads
 
     b, length, h, kvh, d = sizes.block
@@ -126,26 +131,65 @@ def sub_block(sizes: Sizes) -> dict:
         return jax.grad(lambda q, k, v: jnp.sum(fused_fwd(q, k, v).astype(jnp.float32)),
                         argnums=(0, 1, 2))(q, k, v)
 
-    lse = jnp.zeros((b, kvh, g, length), jnp.float32)
-    delta = jnp.zeros((b, kvh, g, length), jnp.float32)
+    kernel = fused_blocks.kernel_for("auto", dtype)
+    kernel = "xla" if kernel == "tiled" else kernel
+
+    def ring_fwd(q, k, v):
+        init = (jnp.full((b, kvh, g, length), -jnp.inf, jnp.float32),
+                jnp.zeros((b, kvh, g, length), jnp.float32),
+                jnp.zeros((b, kvh, g, length, d), jnp.float32))
+        return fused_blocks.fwd_block(init, group_heads(q, kvh), k, v, seg, seg, kernel=kernel,
+                                      scale=scale, diag=True)
+
+    def ring_bwd(q, k, v, o, lse, do):
+        acc = (jnp.zeros((b, length, kvh, g, d), jnp.float32),
+               jnp.zeros((b, length, kvh, d), jnp.float32), jnp.zeros((b, length, kvh, d),
+                                                                       jnp.float32))
+        return fused_blocks.bwd_block(acc, group_heads(q, kvh), k, v, group_heads(o, kvh), lse,
+                                      group_heads(do, kvh), seg, seg, kernel=kernel, scale=scale,
+                                      diag=True)
+
+    # real statistics for the backward runs, and the fused blocks' error against the einsum ones
+    m, l_sum, acc = jax.jit(einsum_fwd)(q, k, v)
+    o = (acc / l_sum[..., None]).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(dtype)
+    lse = m + jnp.log(l_sum)
+    do = jnp.asarray(rng.standard_normal(q.shape), dtype)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", group_heads(do, kvh).astype(jnp.float32),
+                       group_heads(o, kvh).astype(jnp.float32))
+    fm, fl, facc = jax.jit(ring_fwd)(q, k, v)
+    grads = jax.jit(einsum_bwd)(q, k, v, do, lse, delta)
+    fgrads = jax.jit(ring_bwd)(q, k, v, o, lse, do)
+    errors = {"output": _rel(facc / fl[..., None], acc / l_sum[..., None])}
+    errors.update({n: _rel(a, e) for n, a, e in zip(("dq", "dk", "dv"), fgrads, grads)})
     fwd_flops = 2.0 * b * h * length * length * d      # causal: half of 4 B H L^2 D
     out = {"shape": list(sizes.block), "dtype": sizes.dtype, "fused_implementation": impl,
+           "ring_kernel": kernel, "ring_fused_rel_err": errors,
            "forward_gflop": fwd_flops / 1e9, "forward_backward_gflop": 3.5 * fwd_flops / 1e9}
     runs = {"einsum_forward": (jax.jit(einsum_fwd), (q, k, v)),
-            "einsum_backward": (jax.jit(einsum_bwd), (q, k, v, q, lse, delta)),
+            "einsum_backward": (jax.jit(einsum_bwd), (q, k, v, do, lse, delta)),
+            "ring_fused_forward": (jax.jit(ring_fwd), (q, k, v)),
+            "ring_fused_backward": (jax.jit(ring_bwd), (q, k, v, o, lse, do)),
             "fused_forward": (jax.jit(fused_fwd), (q, k, v)),
             "fused_forward_backward": (jax.jit(fused_grad), (q, k, v))}
     for name, (fn, args) in runs.items():
         out[f"{name}_s"] = timed(fn, *args, repeats=sizes.repeats)
         out[f"{name}_temp_bytes"] = _temp_bytes(fn, *args)
-    out["einsum_forward_backward_s"] = out["einsum_forward_s"] + out["einsum_backward_s"]
-    for kind in ("einsum", "fused"):
+    for kind in ("einsum", "ring_fused"):
+        out[f"{kind}_forward_backward_s"] = out[f"{kind}_forward_s"] + out[f"{kind}_backward_s"]
+    for kind in ("einsum", "ring_fused", "fused"):
         out[f"{kind}_forward_tflops"] = fwd_flops / out[f"{kind}_forward_s"] / 1e12
         out[f"{kind}_forward_backward_tflops"] = (3.5 * fwd_flops
                                                   / out[f"{kind}_forward_backward_s"] / 1e12)
     out["fused_speedup_forward_backward"] = (out["einsum_forward_backward_s"]
                                              / out["fused_forward_backward_s"])
+    out["ring_fused_speedup_forward_backward"] = (out["einsum_forward_backward_s"]
+                                                  / out["ring_fused_forward_backward_s"])
     return out
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _llm(sizes: Sizes):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sharding import fused_blocks
 from sharding.ring_attention import KEY_TILE, ring_attention_fn
 
 TIE_CHOICES = ("auto", "on", "off")
@@ -40,9 +41,13 @@ class AttentionOptions:
                    against a prefix shard are [B, G, chunk, H, S_local] float32; decode never chunks)
     tie_positions  the ring's position tie (`sharding.ring_attention._ring_forward`): "on",
                    "off", or "auto" = on except on the CPU backend (where XLA:CPU deadlocked on it)
-    implementation `jax.nn.dot_product_attention`'s for plain attention (the vision tower): "xla",
-                   "cudnn" (fused flash attention, bf16 / fp16 on NVIDIA GPUs), or "auto" (cuDNN
-                   on a GPU backend for bf16 / fp16, else XLA); see `fused_implementation`
+    implementation fused attention: "cudnn" (flash attention, bf16 / fp16 on NVIDIA GPUs), "xla"
+                   (the same contract on XLA, writing the scores out), or "auto" (cuDNN on a GPU
+                   backend for bf16 / fp16). For the vision tower it is
+                   `jax.nn.dot_product_attention`'s (`fused_implementation`: "auto" off GPU is
+                   XLA's); for the ring's sub-blocks and the branches' prefix attention it is the
+                   kernel of `sharding.fused_blocks` ("auto" off GPU: the einsum blocks, key-tiled
+                   in the ring, which never write a sub-block's scores out)
     prompt         what-if stand-in for the prompt attention, `f(q, k, v, q_pos, kv_pos, q_seg,
                    kv_seg)`, or None (the memory planner measures everything else with it)
     prefix         what-if stand-in for `prefix_stats`, or None
@@ -127,7 +132,8 @@ def prompt_attention(layout, options: AttentionOptions):
         return options.prompt
     if layout.seq_axis is None:
         return dense_attention
-    return ring_attention_fn(layout, key_tile=options.key_tile, tie_positions=options.tie())
+    return ring_attention_fn(layout, key_tile=options.key_tile, tie_positions=options.tie(),
+                             kernel=options.implementation)
 
 
 # ----------------------------------------------------------------------------- shared prefix
@@ -139,20 +145,28 @@ def local_rows(x, axis: str):
     return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * n, n, axis=1)
 
 
-def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False):
+def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False,
+                 kernel: str = "tiled"):
     """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D],
     valid [B, S]; summed over `axis` when given. Returns float32 (max, sum, weighted values).
     `scatter`: return only this device's block of the G branches, the sums reduce-scattered
-    (half the bytes of summing all G everywhere)."""
-    s = jnp.einsum("bgtkhd,bskd->bgtkhs", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(valid[:, None, None, None, None, :], s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
-    if axis is not None:
-        m = jax.lax.pmax(m, axis)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m[..., None])
-    l_sum = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bgtkhs,bskd->bgtkhd", p, v.astype(jnp.float32))
+    (half the bytes of summing all G everywhere). `kernel` (`fused_blocks.kernel_for`): "tiled"
+    writes the float32 scores out; "cudnn" / "xla" run one fused attention per shard and turn its
+    (output, log-sum-exp) into the same partials."""
+    if kernel == "tiled":
+        m, l_sum, o = _einsum_partials(q, k, v, valid, scale, axis)
+    else:
+        b, g, t, kvh, hg, d = q.shape
+        rows = jnp.zeros((b, g * t), jnp.int32)
+        o, lse = fused_blocks.attention(q.reshape(b, g * t, kvh * hg, d), k, v, rows,
+                                        jnp.where(valid, 0, -1).astype(jnp.int32),
+                                        kernel=kernel, scale=scale)
+        lse = lse.reshape(b, kvh, hg, g, t).transpose(0, 3, 4, 1, 2)
+        m = jax.lax.stop_gradient(lse)
+        if axis is not None:
+            m = jax.lax.pmax(m, axis)
+        l_sum = jnp.exp(lse - m)
+        o = o.reshape(q.shape) * l_sum[..., None]
     if axis is not None and scatter:
         l_sum, o = (jax.lax.psum_scatter(a, axis, scatter_dimension=1, tiled=True)
                     for a in (l_sum, o))
@@ -160,6 +174,17 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False):
     elif axis is not None:
         l_sum, o = jax.lax.psum((l_sum, o), axis)
     return m, l_sum, o
+
+
+def _einsum_partials(q, k, v, valid, scale, axis):
+    s = jnp.einsum("bgtkhd,bskd->bgtkhs", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid[:, None, None, None, None, :], s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
+    if axis is not None:
+        m = jax.lax.pmax(m, axis)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    return m, jnp.sum(p, axis=-1), jnp.einsum("bgtkhs,bskd->bgtkhd", p, v.astype(jnp.float32))
 
 
 def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
@@ -176,7 +201,8 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
     qg = q.reshape(b, g, t, kvh, h // kvh, d)
     scale = d ** -0.5
     axis = layout.axis("cache_length")
-    stats_fn = options.prefix or prefix_stats
+    stats_fn = options.prefix or functools.partial(
+        prefix_stats, kernel=fused_blocks.kernel_for(options.implementation, q.dtype))
     if axis is not None:
         scatter = layout.branch_axis(b, g) == axis
 
