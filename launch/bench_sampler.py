@@ -1,6 +1,8 @@
 """Sampler benchmark: decode tokens/s vs transformers `generate()` on the same tiny Qwen2 weights
-(torch CPU, same batch and lengths, measured in one run), and the prefix cache bytes and prefill
-FLOPs of a group of G samples with and without the shared prefix. Writes a Markdown table.
+(torch CPU, same batch and lengths, measured in one run: `--repeats` rounds, each timing HF, the
+shared prefix and the repeated prompts once, medians reported), and the prefix cache bytes and
+prefill FLOPs of a group of G samples with and without the shared prefix. Writes
+bench_sampler.md and bench_sampler.json (every round's seconds).
     python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
 """
 
@@ -11,6 +13,8 @@ from lvr_jax import cli
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 cli.cpu_devices()
 
+import json  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -30,6 +34,7 @@ flags.DEFINE_integer("prompts", 4, "prompts per batch")
 flags.DEFINE_integer("group", 8, "G samples per prompt")
 flags.DEFINE_integer("prompt_len", 256, "tokens per prompt")
 flags.DEFINE_integer("new", 64, "new tokens per sample")
+flags.DEFINE_integer("repeats", 5, "timed rounds (after one warm-up of each sampler)")
 
 
 def tiny_torch_qwen2(folder: str, seed: int = 0):
@@ -53,7 +58,6 @@ def time_hf(model, prompts: np.ndarray, new: int) -> float:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
               eos_token_id=None)
     with torch.no_grad():
-        model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm up
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)
     dt = time.perf_counter() - t0
@@ -63,7 +67,6 @@ def time_hf(model, prompts: np.ndarray, new: int) -> float:
 
 def time_ours(sampler: Sampler, prompts: np.ndarray, group: int, new: int) -> float:
     kw = dict(num_samples=group, max_new_tokens=new, temperature=0)
-    sampler.generate(list(prompts), **kw)                         # compile
     t0 = time.perf_counter()
     toks, _, lens = sampler.generate(list(prompts), **kw)
     dt = time.perf_counter() - t0
@@ -91,15 +94,25 @@ def main(_):
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, 512, (args.prompts, args.prompt_len))
     rows = args.prompts * args.group
-    hf_dt = time_hf(hf_model, np.repeat(prompts, args.group, axis=0), args.new)
-    ours_dt = time_ours(Sampler(llm), prompts, args.group, args.new)
-    rep_dt = time_ours(Sampler(llm, share_prefix=False), prompts, args.group, args.new)
+    shared, repeated = Sampler(llm), Sampler(llm, share_prefix=False)
+    runs = {"hf": lambda: time_hf(hf_model, np.repeat(prompts, args.group, axis=0), args.new),
+            "shared": lambda: time_ours(shared, prompts, args.group, args.new),
+            "repeated": lambda: time_ours(repeated, prompts, args.group, args.new)}
+    for run in runs.values():
+        run()                                          # warm-up: compiles, torch's first call
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeats):                      # interleaved: load drifts hit all three
+        for name, run in runs.items():
+            time.sleep(0.5)   # let the other runtime's worker threads stop spinning first
+            seconds[name].append(run())
+    hf_dt, ours_dt, rep_dt = (statistics.median(seconds[n]) for n in runs)
     shared_flops, shared_bytes = prefill_cost(llm, prompts)
     rep_flops, rep_bytes = prefill_cost(llm, np.repeat(prompts, args.group, axis=0))
     tok = rows * args.new
     lines = [
         f"Tiny Qwen2 (64 wide, 2 layers), {args.prompts} prompts x G={args.group}, prompt "
-        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch {torch_version()}).",
+        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch {torch_version()}), "
+        f"median of {args.repeats} interleaved rounds.",
         "", "| sampler | wall s | tokens/s | vs HF generate |", "|---|---:|---:|---:|",
         f"| transformers generate (batch {rows}) | {hf_dt:.2f} | {tok / hf_dt:.0f} | 1.00 |",
         f"| lvr_jax, shared prefix | {ours_dt:.2f} | {tok / ours_dt:.0f} | {hf_dt / ours_dt:.2f} |",
@@ -113,6 +126,12 @@ def main(_):
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "bench_sampler.md"), "w") as f:
         f.write(table)
+    with open(os.path.join(args.out, "bench_sampler.json"), "w") as f:
+        json.dump({"seconds": seconds, "median_s": {"hf": hf_dt, "shared": ours_dt,
+                                                   "repeated": rep_dt},
+                   "vs_hf": {"shared": hf_dt / ours_dt, "repeated": hf_dt / rep_dt},
+                   "flags": {k: getattr(args, k) for k in ("prompts", "group", "prompt_len",
+                                                           "new", "repeats")}}, f, indent=1)
     print(table)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lvr_jax.models.attention import prefix_stats
+from lvr_jax.models.attention import causal_blocks_attention, prefix_stats, whole_prompt_attention
 from sharding import fused_blocks
 from sharding.mesh import make_mesh
 from sharding.ring_attention import ring_attention, ring_attention_local_stats
@@ -72,6 +72,37 @@ def test_fused_ring_noncausal_and_heads_over_tensor(mesh_shape, causal, kv_heads
     q, k, v, ct = make_inputs(17, kv_heads=kv_heads)
     out, grads = fused_ring(make_mesh(mesh_shape), causal)(q, k, v, ct, seg)
     ref, ref_grads = dense_fn(causal)(q, k, v, ct, seg)
+    assert rel(out, ref) < TOL
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) < TOL
+
+
+def test_fused_whole_prompt_attention_matches_dense():
+    """One device, no ring: the prompt's attention as one fused call (causal by index, segments
+    encoded) equals dense attention, forward and gradients; padding rows are exactly 0."""
+    seg = packed_segments()
+    q, k, v, ct = make_inputs(19)
+    pos = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
+    fused = with_grads(lambda q, k, v, seg: whole_prompt_attention(q, k, v, pos, pos, seg, seg,
+                                                                   implementation="xla"))
+    out, grads = fused(q, k, v, ct, seg)
+    ref, ref_grads = dense_fn(True)(q, k, v, ct, seg)
+    assert rel(out, ref) < TOL
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) < TOL
+    assert float(jnp.abs(jnp.where((seg < 0)[..., None, None], out, 0.0)).max()) == 0.0
+
+
+def test_causal_query_blocks_match_dense():
+    """Off GPU the one-device prompt attention runs query blocks against the keys up to their end
+    (37 tokens in blocks of 8: the last one short), packed segments: dense, forward and grads."""
+    seg = packed_segments()
+    q, k, v, ct = make_inputs(21)
+    pos = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
+    blocks = with_grads(lambda q, k, v, seg: causal_blocks_attention(q, k, v, pos, pos, seg, seg,
+                                                                     block=8))
+    out, grads = blocks(q, k, v, ct, seg)
+    ref, ref_grads = dense_fn(True)(q, k, v, ct, seg)
     assert rel(out, ref) < TOL
     for g, r in zip(grads, ref_grads):
         assert rel(g, r) < TOL

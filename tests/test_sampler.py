@@ -56,9 +56,8 @@ def teacher_forced(llm, prompt, tokens, temperature=1.0):
                                           ({"seq": 8}, 2, "auto"),
                                           ({"seq": 4, "data": -1}, 4, "xla")])
 def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g, impl):
-    vlm = make_vlm(impl) if impl != "auto" else vlm
-    mesh = make_mesh(shape) if shape else None
-    sampler = Sampler(vlm, mesh)
+    mesh = make_mesh(shape) if shape else None      # the recompute: `vlm`, dense attention
+    sampler = Sampler(make_vlm(impl) if impl != "auto" else vlm, mesh)
     assert sampler.layout.branch_axis(3, g) == ("seq" if g == 4 else None)
     toks, lps, lens = sampler.generate(prompts, num_samples=g, max_new_tokens=T, temperature=0)
     assert toks.shape == (3 * g, T) and (lens == T).all()

@@ -28,6 +28,7 @@ from sharding import fused_blocks
 from sharding.ring_attention import KEY_TILE, ring_attention_fn
 
 TIE_CHOICES = ("auto", "on", "off")
+QUERY_BLOCK = 64   # query rows per block of the one-device prompt attention off GPU
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
@@ -118,22 +119,60 @@ def dense_attention(q, k, v, q_pos=None, kv_pos=None, q_seg=None, kv_seg=None, *
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, h, d).astype(q.dtype)
+    denom = jnp.sum(p, axis=-1)                       # normalised after the values: one pass less
+    out = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
 def prompt_attention(layout, options: AttentionOptions):
     """`attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)` for a prompt laid out by `layout`: the
-    zigzag ring over its `length` axis (inputs from `shard_sequence`), else dense attention;
-    the options' stand-in when one is set."""
+    zigzag ring over its `length` axis (inputs from `shard_sequence`), else one fused attention
+    call where the options' kernel is fused (a GPU), else dense attention; the options' stand-in
+    when one is set."""
     if options.prompt is not None:
         return options.prompt
     if layout.seq_axis is None:
-        return dense_attention
+        return functools.partial(whole_prompt_attention, implementation=options.implementation)
     return ring_attention_fn(layout, key_tile=options.key_tile, tie_positions=options.tie(),
                              kernel=options.implementation)
+
+
+def whole_prompt_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *,
+                           implementation: str = "auto"):
+    """Causal attention over a whole prompt on one device. With a fused kernel
+    (`fused_blocks.kernel_for`; cuDNN on a GPU) it is one flash-attention call, causal by index:
+    the ring's contract, positions that grow with the index among a segment's tokens (what
+    `ring_prompt` builds); otherwise, and for keys longer than the queries, dense attention."""
+    kernel = fused_blocks.kernel_for(implementation, q.dtype)
+    if k.shape[1] != q.shape[1]:
+        return dense_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    if kernel == "tiled":
+        return causal_blocks_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    if q_seg is None:
+        q_seg = kv_seg = jnp.zeros(q.shape[:2], jnp.int32)
+    o, _ = fused_blocks.attention(q, k, v, q_seg, kv_seg, kernel=kernel,
+                                  scale=q.shape[-1] ** -0.5, diag=True)
+    o = jnp.where((q_seg >= 0)[:, :, None, None], o, 0.0)      # padding rows attend nothing
+    return jnp.where(fused_blocks.segments_ok(q_seg, kv_seg), o, jnp.nan).astype(q.dtype)
+
+
+def causal_blocks_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *,
+                            block: int = QUERY_BLOCK):
+    """Dense attention in query blocks of `block` rows, each against the keys up to its end (the
+    later ones are causally hidden under the ring's contract: positions grow with the index), so
+    about half the [L, L] scores are never computed or held; one block: `dense_attention`."""
+    length = q.shape[1]
+    if length <= block:
+        return dense_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    outs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        outs.append(dense_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                    cut(q_pos, start, end), cut(kv_pos, 0, end),
+                                    cut(q_seg, start, end), cut(kv_seg, 0, end)))
+    return jnp.concatenate(outs, axis=1)
 
 
 # ----------------------------------------------------------------------------- shared prefix
@@ -177,14 +216,20 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False,
 
 
 def _einsum_partials(q, k, v, valid, scale, axis):
-    s = jnp.einsum("bgtkhd,bskd->bgtkhs", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(valid[:, None, None, None, None, :], s, -jnp.inf)
+    """The partials with the scores as [B, KVH, rows, S]: batch dims leading, so each product is
+    a plain batched matmul (XLA:CPU ran the [B, G, T, KVH, Hg, S] form as a slower loop)."""
+    b, g, t, kvh, hg, d = q.shape
+    rows = q.transpose(0, 3, 1, 2, 4, 5).reshape(b, kvh, g * t * hg, d)
+    s = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
+    back = lambda x: jnp.moveaxis(x.reshape(b, kvh, g, t, hg, *x.shape[3:]), 1, 3)  # noqa: E731
     if axis is not None:
         m = jax.lax.pmax(m, axis)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m[..., None])
-    return m, jnp.sum(p, axis=-1), jnp.einsum("bgtkhs,bskd->bgtkhd", p, v.astype(jnp.float32))
+    o = jnp.einsum("bkrs,bskd->bkrd", p, v.astype(jnp.float32))
+    return back(m), back(jnp.sum(p, axis=-1)), back(o)
 
 
 def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
@@ -222,14 +267,18 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
     def local_stats(qc, k, v, mask):
         """Softmax partials (max, sum, weighted values) of qc against k, v [B, G, J, KVH, D] under
         mask [Tc, J]: what `prefix_stats` gives for the prefix."""
-        s2 = jnp.einsum("bgtkhd,bgjkd->bgtkhj", qc, k.astype(qc.dtype),
+        tc = qc.shape[2]   # scores as [B, G, KVH, Tc * Hg, J]: plain batched matmuls
+        rows = qc.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, kvh, tc * (h // kvh), d)
+        s2 = jnp.einsum("bgkrd,bgjkd->bgkrj", rows, k.astype(qc.dtype),
                         preferred_element_type=jnp.float32) * scale
-        s2 = jnp.where(mask[:, None, None, :], s2, -jnp.inf)
+        s2 = jnp.where(jnp.repeat(mask, h // kvh, axis=0), s2, -jnp.inf)
         m = jax.lax.stop_gradient(jnp.max(s2, axis=-1))
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         p2 = jnp.exp(s2 - m[..., None])
-        return m, jnp.sum(p2, axis=-1), jnp.einsum("bgtkhj,bgjkd->bgtkhd", p2,
-                                                   v.astype(jnp.float32))
+        o = jnp.einsum("bgkrj,bgjkd->bgkrd", p2, v.astype(jnp.float32))
+        back = lambda x: jnp.moveaxis(  # noqa: E731
+            x.reshape(b, g, kvh, tc, h // kvh, *x.shape[4:]), 2, 3)
+        return back(m), back(jnp.sum(p2, axis=-1)), back(o)
 
     def attend(qc, first):
         """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ...: the

@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from lvr_jax.models.qwen2 import Prefix, left_pad
@@ -145,6 +146,27 @@ def init_state(prefix: Prefix, params: SamplingParams, cache_dtype,
                        lengths=jnp.zeros((b, g), jnp.int32), logits=logits)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _row_keys(base, rows: int):
+    """fold_in(base, row) for rows 0..rows-1 (one compiled call, not a trace per call)."""
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
+
+
+def left_pad_ids(prompts, multiple: int = 1):
+    """Token-id prompts [L_i] -> numpy (ids [B, Lp] left padded with 0, mask [B, Lp]); Lp the
+    longest length rounded up to `multiple` (what `left_pad` does, on the host)."""
+    prompts = [np.asarray(p) for p in prompts]
+    if any(p.size == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = -(-max(p.shape[0] for p in prompts) // multiple) * multiple
+    ids = np.zeros((len(prompts), longest), np.int32)
+    mask = np.zeros((len(prompts), longest), bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - p.shape[0]:] = p
+        mask[i, longest - p.shape[0]:] = True
+    return ids, mask
+
+
 def stop_ids(tokenizer) -> list[int]:
     """Token ids that end a reply: eos, <|im_end|>, <|endoftext|> when present."""
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -210,16 +232,21 @@ class Sampler:
         """
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
-        embeds = [self.llm.embed_tokens(jnp.asarray(p)) if jnp.asarray(p).ndim == 1 else
-                  jnp.asarray(p) for p in prompts]
         g = num_samples
         if not self.share_prefix:
-            embeds = [e for e in embeds for _ in range(g)]
+            prompts = [p for p in prompts for _ in range(g)]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                                 top_p=float(top_p), top_k=int(top_k),
                                 num_samples=g if self.share_prefix else 1)
-        x, mask = left_pad(embeds, multiple=self.layout.pad_multiple)
-        return self.generate_padded(x, mask, params, seed=seed, rows=len(prompts) * g)
+        multiple = self.layout.pad_multiple
+        if all(np.ndim(p) == 1 for p in prompts):   # token ids: padded here, embedded in one call
+            ids, mask = left_pad_ids(prompts, multiple)
+            x, mask = self.llm.embed_tokens(jnp.asarray(ids)), jnp.asarray(mask)
+        else:
+            x, mask = left_pad([self.llm.embed_tokens(jnp.asarray(p)) if np.ndim(p) == 1 else
+                                jnp.asarray(p) for p in prompts], multiple=multiple)
+        return self.generate_padded(x, mask, params, seed=seed,
+                                    rows=len(prompts) * params.num_samples)
 
     def generate_padded(self, x, mask, params: SamplingParams, *, seed: int = 0, rows=None):
         """Like `generate` for prompts already left padded: x [B, Lp, E], mask [B, Lp] (Lp a
@@ -235,8 +262,7 @@ class Sampler:
         state = nnx.state(self.llm)
         with jax.profiler.TraceAnnotation("prefill"):
             prefix = run_prefill(state, x, mask)
-        base = jax.random.key(seed)
-        row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))
+        row_keys = _row_keys(jax.random.key(seed), rows)
         with jax.profiler.TraceAnnotation("decode"):
             out = run_decode(state, prefix, run_init(prefix), row_keys)
             t = params.max_new_tokens
