@@ -46,7 +46,8 @@ def model_config(llm: dict, vision: dict, projector_type="mlp_downsample_2x2_fix
     """The `model` section of a config: sizes plus numerics. `attention` holds the decoder's
     compiled-program knobs (lvr_jax.models.attention.AttentionOptions; memory, not results):
     ring key tile, branch query chunk, the ring's position tie ("auto": on except on CPU), the
-    vision tower's attention implementation ("auto": cuDNN flash attention on GPUs).
+    attention implementation of the vision tower, the ring's sub-blocks, the branches' prefix and
+    one-device prompts ("auto": cuDNN flash attention on GPUs for bf16 / fp16).
     `vision_chunk`: frames per SigLIP micro-batch on each device (0: all its frames at once), so
     encode memory stops growing with frames per device; the features are the same.
     `logits_chunk`: response tokens per chunk of the training log-probs (0: all at once), so the

@@ -32,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sharding.ring_blocks import match_vma
+
 F32 = jnp.float32
 SLOTS = 8          # segment ids 0..7 (and -1 = padding) are encoded exactly
 MASKED = 2.0 ** 15  # a masked pair's q.k before scaling (exact in bf16 and fp16)
@@ -152,19 +154,8 @@ _BWD = {"xla": _xla_bwd, "cudnn": _cudnn_bwd}
 # ----------------------------------------------------------------------------- attention
 
 
-def _vary_like(x, *refs):
-    """x pcast to vary over every mesh axis the refs vary over (inside a shard_map: the cuDNN
-    primitive's outputs vary as its query does)."""
-    def axes(a):
-        mat = getattr(jax.typeof(a), "manual_axis_type", None)
-        return frozenset(mat.varying) if mat is not None else frozenset(getattr(jax.typeof(a),
-                                                                                "vma", ()))
-    missing = tuple(sorted(frozenset().union(*(axes(r) for r in refs)) - axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _run_fwd(q, k, v, q_seg, kv_seg, kernel, scale, diag):
-    q = _vary_like(q, k, v, q_seg, kv_seg)
+    q = match_vma(q, k, v, q_seg, kv_seg)
     qe, ke, ve = encode(q, k, v, q_seg, kv_seg)
     return _FWD[kernel](qe, ke, ve, scale=scale, diag=diag)
 
@@ -175,7 +166,7 @@ def attention(q, k, v, q_seg, kv_seg, *, kernel, scale, diag=False):
     finite lse (masked keys score -2^15 * scale); rows with segment < 0 are the caller's to drop.
     Its backward takes a cotangent for lse too (through rowsum(dO o), see `_attention_bwd`)."""
     # inside a shard_map, q first varies as k does (the pcast's transpose sums dq back)
-    return _attention(_vary_like(q, k, v, q_seg, kv_seg), k, v, q_seg, kv_seg, kernel,
+    return _attention(match_vma(q, k, v, q_seg, kv_seg), k, v, q_seg, kv_seg, kernel,
                       float(scale), bool(diag))
 
 

@@ -22,6 +22,14 @@ Masking semantics (shared by :func:`lvr_jax.models.attention.dense_attention`): 
 key ``j`` iff ``seg_k[j] >= 0`` and ``seg_q[i] == seg_k[j]`` and (if causal) ``pos_k[j] <= pos_q[i]``.
 A negative segment id marks padding. A query with no key to attend outputs exactly 0.
 
+Sub-block kernels (`kernel`): "tiled" folds each sub-block into the online softmax in float32
+key tiles (:mod:`sharding.ring_blocks`; the CPU default); "cudnn" runs it as one cuDNN
+flash-attention call and "xla" as the same contract on XLA (:mod:`sharding.fused_blocks`: each
+call returns its output and float32 log-sum-exp, merged into the same online state; the backward
+hands the kernel the merged output and log-sum-exp). The fused kernels mask the diagonal
+sub-blocks causally by index and every other computed one not at all, so a causal ring off the
+zigzag schedule (odd local lengths, keys longer than queries) runs tiled.
+
 GQA: ``q`` has ``H`` heads and ``k``/``v`` have ``KVH`` heads with ``H % KVH == 0``; query head
 ``h`` uses kv head ``h // (H // KVH)`` (the HF ``repeat_kv`` convention). K/V are never repeated
 in memory: q is viewed as ``[B, L, KVH, H // KVH, D]``.
@@ -45,7 +53,15 @@ from jax.sharding import PartitionSpec as P
 
 from sharding import fused_blocks
 from sharding.mesh import Layout
-from sharding.ring_blocks import F32, KEY_TILE, bwd_block, chunks, fwd_block, group_heads
+from sharding.ring_blocks import (
+    F32,
+    KEY_TILE,
+    bwd_block,
+    chunks,
+    fwd_block,
+    group_heads,
+    match_vma,
+)
 from sharding.sequence_parallel import (
     pad_sequence,
     padded_length,
@@ -56,28 +72,6 @@ from sharding.sequence_parallel import (
 
 
 # ----------------------------------------------------------------------------- schedule
-
-
-def _varying_axes(x) -> frozenset:
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(t, "vma", ()))
-
-
-def _match_vma(tree, *refs):
-    """pcast every leaf of ``tree`` to vary over the union of the axes the ``refs`` vary over.
-
-    Needed for loop carries built from constants inside a ``shard_map`` with check_vma.
-    """
-    axes = frozenset().union(*(_varying_axes(r) for r in refs))
-
-    def one(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(one, tree)
 
 
 def _ring_perm(n: int):
@@ -168,7 +162,7 @@ def _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, causal, scal
     cq = lq // nc
     state = [(jnp.full((b, kvh, g, cq), -jnp.inf, F32), jnp.zeros((b, kvh, g, cq), F32),
               jnp.zeros((b, kvh, g, cq, d), F32)) for _ in range(nc)]
-    state = _match_vma(state, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    state = match_vma(state, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     early_at = _early(axis_name)
     fused = _fused(kernel, causal, zz)
 
@@ -240,9 +234,9 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     qp_c, qs_c = chunks(q_pos, nc), chunks(q_seg, nc)
     lse_c, delta_c = chunks(lse, nc, axis=3), chunks(delta, nc, axis=3)
     refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout)
-    dq = _match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
+    dq = match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
     zeros = [jnp.zeros((b, lk // nc, kvh, d), F32) for _ in range(nc)]
-    dkv = _match_vma((zeros, list(zeros)), *refs)
+    dkv = match_vma((zeros, list(zeros)), *refs)
     early_at = _early(axis_name)
 
     def step(dq, dkv, kvb, pairs, first=False):
@@ -379,7 +373,7 @@ def ring_attention_local_stats(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, axis_na
     out, lse = _ring_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, axis_name, bool(causal),
                              scale, int(key_tile), False, fused_blocks.kernel_for(kernel, q.dtype))
     count = num_blocks(jax.lax.axis_size(axis_name), bool(causal), q.shape[1])
-    return out, lse, _match_vma(jnp.asarray(count, jnp.int32), q)
+    return out, lse, match_vma(jnp.asarray(count, jnp.int32), q)
 
 
 # ----------------------------------------------------------------------------- public

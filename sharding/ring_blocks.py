@@ -31,6 +31,28 @@ def group_heads(q, kv_heads: int):
     return q.reshape(b, l, kv_heads, h // kv_heads, d)
 
 
+def varying_axes(x) -> frozenset:
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(t, "vma", ()))
+
+
+def match_vma(tree, *refs):
+    """pcast every leaf of ``tree`` to vary over the union of the axes the ``refs`` vary over.
+
+    Needed for loop carries built from constants inside a ``shard_map`` with check_vma.
+    """
+    axes = frozenset().union(*(varying_axes(r) for r in refs))
+
+    def one(x):
+        missing = tuple(sorted(axes - varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
 def chunks(x, n: int, axis: int = 1):
     return list(jnp.split(x, n, axis=axis)) if n > 1 else [x]
 
