@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sharding.ring_blocks import match_vma
+from sharding.ring_blocks import bwd_tile, match_vma
 
 F32 = jnp.float32
 SLOTS = 8          # segment ids 0..7 (and -1 = padding) are encoded exactly
@@ -84,17 +84,6 @@ def segments_ok(*segs):
 # ----------------------------------------------------------------------------- the kernels
 
 
-def _grouped_scores(q, k, scale, diag):
-    """Scores [B, KVH, G, Cq, Ck] float32 (GQA by grouping), -inf above the diagonal if `diag`."""
-    b, cq, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.astype(F32).reshape(b, cq, kvh, h // kvh, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(F32)) * scale
-    if diag:
-        s = jnp.where(jnp.tril(jnp.ones((cq, k.shape[1]), bool)), s, -jnp.inf)
-    return s
-
-
 def _xla_fwd(q, k, v, *, scale, diag):
     o, lse = jax.nn.dot_product_attention(
         q.astype(F32), k.astype(F32), v.astype(F32), scale=scale, is_causal=diag,
@@ -103,20 +92,18 @@ def _xla_fwd(q, k, v, *, scale, diag):
 
 
 def _xla_bwd(q, k, v, o, lse, do, *, scale, diag):
-    """The flash backward with given statistics: P = exp(S - lse), dS = P (dP - rowsum(dO o))."""
+    """The flash backward with given statistics (`ring_blocks.bwd_tile`, one tile of all keys):
+    P = exp(S - lse), dS = P (dP - rowsum(dO o))."""
     b, cq, h, d = q.shape
-    kvh = k.shape[2]
+    ck, kvh = k.shape[1], k.shape[2]
     grp = lambda x: x.astype(F32).reshape(b, cq, kvh, h // kvh, d)  # noqa: E731
-    s = _grouped_scores(q, k, scale, diag)
-    p = jnp.exp(s - lse.reshape(b, kvh, h // kvh, cq)[..., None])
     dog = grp(do)
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog, grp(o))
-    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dog)
-    dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, v.astype(F32))
-    ds = p * (dp - delta[..., None]) * scale
-    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k.astype(F32)).reshape(q.shape)
-    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, grp(q))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    mask = jnp.tril(jnp.ones((cq, ck), bool)) if diag else jnp.ones((cq, ck), bool)
+    zeros = (jnp.zeros(dog.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(k.shape, F32))
+    dq, dk, dv = bwd_tile(zeros, grp(q), k.astype(F32), v.astype(F32), dog,
+                          lse.reshape(b, kvh, h // kvh, cq), delta, mask, scale)
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _cudnn():
@@ -172,8 +159,7 @@ def attention(q, k, v, q_seg, kv_seg, *, kernel, scale, diag=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, q_seg, kv_seg, kernel, scale, diag):
-    o, lse = _run_fwd(q, k, v, q_seg, kv_seg, kernel, scale, diag)
-    return o[..., :q.shape[-1]].astype(F32), lse.astype(F32)
+    return _attention_fwd(q, k, v, q_seg, kv_seg, kernel, scale, diag)[0]
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, kernel, scale, diag):

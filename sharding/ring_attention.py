@@ -225,14 +225,17 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
     nc = 2 if lq % 2 == 0 else 1
     zz = _zigzag_ok(causal, lq) and lk == lq
     qg, dog = group_heads(q, kvh), group_heads(dout.astype(q.dtype), kvh)
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32), group_heads(out, kvh).astype(F32))
     fused = _fused(kernel, causal, zz)
     if fused:   # padding rows were zeroed after the kernel: no gradient flows through them
         dog = jnp.where((q_seg >= 0)[:, :, None, None, None], dog, 0)
-        o_c = chunks(group_heads(out, kvh), nc)
+        o_c = chunks(group_heads(out, kvh), nc)     # the kernel takes rowsum(dO o) from these
+    else:
+        delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog.astype(F32),
+                           group_heads(out, kvh).astype(F32))
+        delta_c = chunks(delta, nc, axis=3)
     q_c, do_c = chunks(qg, nc), chunks(dog, nc)
     qp_c, qs_c = chunks(q_pos, nc), chunks(q_seg, nc)
-    lse_c, delta_c = chunks(lse, nc, axis=3), chunks(delta, nc, axis=3)
+    lse_c = chunks(lse, nc, axis=3)
     refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout)
     dq = match_vma([jnp.zeros(x.shape, F32) for x in q_c], *refs)
     zeros = [jnp.zeros((b, lk // nc, kvh, d), F32) for _ in range(nc)]
@@ -243,19 +246,19 @@ def _ring_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, axis_n
         kb, vb, kpb, ksb = (chunks(x, nc) for x in kvb)
         dk, dv = dkv
         for a, c in pairs:
+            acc = (_pick(dq, a), _pick(dk, c), _pick(dv, c))
             if fused:
                 new = fused_blocks.bwd_block(
-                    (_pick(dq, a), _pick(dk, c), _pick(dv, c)), q=_pick(q_c, a), k=_pick(kb, c),
-                    v=_pick(vb, c), o=_pick(o_c, a), lse=_pick(lse_c, a), do=_pick(do_c, a),
-                    q_seg=_pick(qs_c, a), kv_seg=_pick(ksb, c), kernel=kernel, scale=scale,
+                    acc, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c), o=_pick(o_c, a),
+                    lse=_pick(lse_c, a), do=_pick(do_c, a), q_seg=_pick(qs_c, a),
+                    kv_seg=_pick(ksb, c), kernel=kernel, scale=scale,
                     diag=causal and first and a == c)
-                dq, dk, dv = _put(dq, a, new[0]), _put(dk, c, new[1]), _put(dv, c, new[2])
-                continue
-            new = bwd_block((_pick(dq, a), _pick(dk, c), _pick(dv, c)), q=_pick(q_c, a),
-                            k=_pick(kb, c), v=_pick(vb, c), do=_pick(do_c, a),
-                            lse=_pick(lse_c, a), delta=_pick(delta_c, a), q_pos=_pick(qp_c, a),
-                            q_seg=_pick(qs_c, a), kv_pos=_pick(kpb, c), kv_seg=_pick(ksb, c),
-                            causal=causal, scale=scale, key_tile=key_tile)
+            else:
+                new = bwd_block(acc, q=_pick(q_c, a), k=_pick(kb, c), v=_pick(vb, c),
+                                do=_pick(do_c, a), lse=_pick(lse_c, a), delta=_pick(delta_c, a),
+                                q_pos=_pick(qp_c, a), q_seg=_pick(qs_c, a),
+                                kv_pos=_pick(kpb, c), kv_seg=_pick(ksb, c), causal=causal,
+                                scale=scale, key_tile=key_tile)
             dq, dk, dv = _put(dq, a, new[0]), _put(dk, c, new[1]), _put(dv, c, new[2])
         return dq, (dk, dv)
 

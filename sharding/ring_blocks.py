@@ -112,13 +112,13 @@ def bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal
     """Gradient contributions of one sub-block, tile by tile; ``acc = (dq_a, dk_c, dv_c)``."""
     tile, n = _key_tiles(k.shape[1], key_tile)
     if n == 1:
-        return _bwd_tile(acc, q, k, v, do, lse, delta,
+        return bwd_tile(acc, q, k, v, do, lse, delta,
                          mask_of(q_pos, q_seg, kv_pos, kv_seg, causal), scale)
 
     def one(i, carry):
         dq, dk, dv = carry
         start, take, mask = _key_tile(i, tile, k.shape[1], q_pos, q_seg, kv_pos, kv_seg, causal)
-        dq, dk_t, dv_t = _bwd_tile((dq, take(dk), take(dv)), q, take(k), take(v), do, lse, delta,
+        dq, dk_t, dv_t = bwd_tile((dq, take(dk), take(dv)), q, take(k), take(v), do, lse, delta,
                                    mask, scale)
         put = lambda x, t: jax.lax.dynamic_update_slice_in_dim(x, t, start, axis=1)  # noqa: E731
         return dq, put(dk, dk_t), put(dv, dv_t)
@@ -126,7 +126,7 @@ def bwd_block(acc, q, k, v, do, lse, delta, q_pos, q_seg, kv_pos, kv_seg, causal
     return jax.lax.fori_loop(0, n, one, acc)
 
 
-def _bwd_tile(acc, q, k, v, do, lse, delta, mask, scale):
+def bwd_tile(acc, q, k, v, do, lse, delta, mask, scale):
     """Gradient contributions of one block of keys; ``acc = (dq_a, dk, dv)`` in float32."""
     dq, dk, dv = acc
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * scale

@@ -271,7 +271,8 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
         rows = qc.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, kvh, tc * (h // kvh), d)
         s2 = jnp.einsum("bgkrd,bgjkd->bgkrj", rows, k.astype(qc.dtype),
                         preferred_element_type=jnp.float32) * scale
-        s2 = jnp.where(jnp.repeat(mask, h // kvh, axis=0), s2, -jnp.inf)
+        rows_mask = jnp.repeat(jnp.broadcast_to(mask, (tc, k.shape[2])), h // kvh, axis=0)
+        s2 = jnp.where(rows_mask, s2, -jnp.inf)
         m = jax.lax.stop_gradient(jnp.max(s2, axis=-1))
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         p2 = jnp.exp(s2 - m[..., None])
