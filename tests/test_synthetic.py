@@ -37,23 +37,13 @@ def dataset(tmp_path_factory, seed):
 
 
 def test_reproducible_for_a_seed(tmp_path, dataset, seed):
-    out, _ = dataset
+    out, _ = dataset                                      # written in this (jax-configured) process
     again = tmp_path / "again"
     synthetic.generate_dataset(again, num_train=22, num_val=5, num_test=10, num_frames=16, size=32,
-                               seed=seed, workers=2)      # worker processes
-    twice = tmp_path / "twice"
-    synthetic.generate_dataset(twice, num_train=22, num_val=5, num_test=10, num_frames=16, size=32,
-                               seed=seed, workers=2)
-    assert _digest(again) == _digest(twice)               # same environment: same bytes
-    # this process has jax configured, which can change x264's floating-point decisions on a
-    # few videos (seen with jax_default_matmul_precision): same records, frames within noise
-    files, videos = _digest(out), _digest(again)
-    assert {k: v for k, v in files.items() if not k.endswith(".mp4")} == \
-        {k: v for k, v in videos.items() if not k.endswith(".mp4")}
-    assert files.keys() == videos.keys()
-    for rel in (k for k in files if k.endswith(".mp4") and files[k] != videos[k]):
-        a, b = read_frames(out / rel, 16), read_frames(again / rel, 16)
-        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0, rel
+                               seed=seed, workers=2)      # fresh worker processes
+    # byte-identical videos too: x264's macroblock-tree pass once made them depend on what the
+    # process had encoded before (13 seeds: 3 differed here; with mbtree=0, 26 seeds: none did)
+    assert _digest(out) == _digest(again)
     other = tmp_path / "other"
     synthetic.generate_dataset(other, num_train=22, num_val=5, num_test=10, num_frames=16, size=32,
                                seed=seed + 1)

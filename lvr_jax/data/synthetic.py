@@ -26,11 +26,10 @@ sampled frames (`np.linspace`) see every event in at least 2 frames, and the mot
 decided by the first and last frames (which linspace always samples). Each record carries its
 `timeline` ([first_frame, end_frame, what]) for checks.
 
-Reproducibility: the same seed gives the same records and, in the same process environment,
-byte-identical videos (single-threaded x264). Libraries loaded into the writing process can change
-x264's floating-point decisions on a few videos (a process that had configured jax wrote different
-bytes than a fresh worker, with frames equal within encoder noise); worker processes
-(`workers` > 1) start fresh, so they write the same bytes wherever they run.
+Reproducibility: the same seed gives the same records and byte-identical videos, in this process
+or in worker processes (`workers` > 1). x264 runs single-threaded and without its macroblock-tree
+rate control: with it, its assembly wrote different bytes for a few videos depending on what the
+process had encoded before (in 3 of 13 seeds a jax-configured process and fresh workers differed).
 
 Layout under the output folder: `{split}.jsonl` for train / val (LongVideo-Reason form) and test
 (multiple-choice benchmark form: question, options, answer letter, category), videos in
@@ -123,7 +122,8 @@ def render(tracks: list[Track], num_frames: int, size: int, background=(18, 18, 
 
 
 def write_video(path, frames: np.ndarray, fps: int = 8, *, crf: int = 12) -> None:
-    """uint8 [T, H, W, 3] -> H.264 mp4 (yuv420p, single-threaded x264: byte-reproducible)."""
+    """uint8 [T, H, W, 3] -> H.264 mp4 (yuv420p, single-threaded x264 without macroblock-tree rate
+    control: byte-reproducible)."""
     import av
 
     t, h, w, _ = frames.shape
@@ -135,7 +135,10 @@ def write_video(path, frames: np.ndarray, fps: int = 8, *, crf: int = 12) -> Non
     with av.open(str(tmp), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # mbtree=0: with it, x264's assembly wrote different bytes for the same frames depending on
+        # what the process had encoded before (7 of 744 test-size videos; none with mbtree=0)
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1",
+                          "x264-params": "mbtree=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 out.mux(packet)
