@@ -1,8 +1,10 @@
 """Sampler benchmark: decode tokens/s vs transformers `generate()` on the same tiny Qwen2 weights
 (torch CPU, same batch and lengths, measured in one run: `--repeats` rounds, each timing HF, the
 shared prefix and the repeated prompts once, medians reported), and the prefix cache bytes and
-prefill FLOPs of a group of G samples with and without the shared prefix. Writes
-bench_sampler.md and bench_sampler.json (every round's seconds).
+prefill FLOPs of a group of G samples with and without the shared prefix. Each sampler is also
+timed for one new token (the prefill and the first token), so the table splits each call into
+that and the decode loop's ms per step. Writes bench_sampler.md and bench_sampler.json (every
+round's seconds).
     python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
 """
 
@@ -13,8 +15,10 @@ from lvr_jax import cli
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 cli.cpu_devices()
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -95,9 +99,12 @@ def main(_):
     prompts = rng.integers(1, 512, (args.prompts, args.prompt_len))
     rows = args.prompts * args.group
     shared, repeated = Sampler(llm), Sampler(llm, share_prefix=False)
-    runs = {"hf": lambda: time_hf(hf_model, np.repeat(prompts, args.group, axis=0), args.new),
-            "shared": lambda: time_ours(shared, prompts, args.group, args.new),
-            "repeated": lambda: time_ours(repeated, prompts, args.group, args.new)}
+    repeats = np.repeat(prompts, args.group, axis=0)
+    runs = {}
+    for tag, new in (("", args.new), ("_first", 1)):   # the call; the prefill + 1st token alone
+        runs.update({"hf" + tag: functools.partial(time_hf, hf_model, repeats, new), **{
+            n + tag: functools.partial(time_ours, sampler, prompts, args.group, new)
+            for n, sampler in (("shared", shared), ("repeated", repeated))}})
     for run in runs.values():
         run()                                          # warm-up: compiles, torch's first call
     seconds = {name: [] for name in runs}
@@ -105,19 +112,24 @@ def main(_):
         for name, run in runs.items():
             time.sleep(0.5)   # let the other runtime's worker threads stop spinning first
             seconds[name].append(run())
-    hf_dt, ours_dt, rep_dt = (statistics.median(seconds[n]) for n in runs)
+    med = {n: statistics.median(t) for n, t in seconds.items()}
+    hf_dt = med["hf"]
+    step_ms = {n: 1e3 * (med[n] - med[n + "_first"]) / max(args.new - 1, 1)
+               for n in ("hf", "shared", "repeated")}
     shared_flops, shared_bytes = prefill_cost(llm, prompts)
-    rep_flops, rep_bytes = prefill_cost(llm, np.repeat(prompts, args.group, axis=0))
+    rep_flops, rep_bytes = prefill_cost(llm, repeats)
     tok = rows * args.new
     lines = [
         f"Tiny Qwen2 (64 wide, 2 layers), {args.prompts} prompts x G={args.group}, prompt "
-        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch {torch_version()}), "
-        f"median of {args.repeats} interleaved rounds.",
-        "", "| sampler | wall s | tokens/s | vs HF generate |", "|---|---:|---:|---:|",
-        f"| transformers generate (batch {rows}) | {hf_dt:.2f} | {tok / hf_dt:.0f} | 1.00 |",
-        f"| lvr_jax, shared prefix | {ours_dt:.2f} | {tok / ours_dt:.0f} | {hf_dt / ours_dt:.2f} |",
-        f"| lvr_jax, prompt repeated G times | {rep_dt:.2f} | {tok / rep_dt:.0f} | "
-        f"{hf_dt / rep_dt:.2f} |", "",
+        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch "
+        f"{sys.modules['torch'].__version__}), median of {args.repeats} interleaved rounds.",
+        "", "| sampler | wall s | tokens/s | vs HF generate | first token s | decode ms/step "
+        "| decode vs HF |", "|---|---:|---:|---:|---:|---:|---:|",
+        *(f"| {label} | {med[n]:.3f} | {tok / med[n]:.0f} | {hf_dt / med[n]:.2f} | "
+          f"{med[n + '_first']:.3f} | {step_ms[n]:.2f} | {step_ms['hf'] / step_ms[n]:.2f} |"
+          for n, label in (("hf", f"transformers generate (batch {rows})"),
+                           ("shared", "lvr_jax, shared prefix"),
+                           ("repeated", "lvr_jax, prompt repeated G times"))), "",
         "| prefill of one batch | FLOPs | prefix K/V bytes |", "|---|---:|---:|",
         f"| shared prefix (B={args.prompts}) | {shared_flops:.3e} | {shared_bytes} |",
         f"| repeated (B x G={rows}) | {rep_flops:.3e} | {rep_bytes} |",
@@ -127,17 +139,11 @@ def main(_):
     with open(os.path.join(args.out, "bench_sampler.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "bench_sampler.json"), "w") as f:
-        json.dump({"seconds": seconds, "median_s": {"hf": hf_dt, "shared": ours_dt,
-                                                   "repeated": rep_dt},
-                   "vs_hf": {"shared": hf_dt / ours_dt, "repeated": hf_dt / rep_dt},
+        json.dump({"seconds": seconds, "median_s": med, "decode_ms_per_step": step_ms,
+                   "vs_hf": {n: hf_dt / med[n] for n in ("shared", "repeated")},
                    "flags": {k: getattr(args, k) for k in ("prompts", "group", "prompt_len",
                                                            "new", "repeats")}}, f, indent=1)
     print(table)
-
-
-def torch_version():
-    import torch
-    return torch.__version__
 
 
 if __name__ == "__main__":

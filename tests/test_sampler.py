@@ -9,10 +9,12 @@ import pytest
 
 from configs import tiny
 from lvr_jax.models.attention import AttentionOptions
+from lvr_jax.models.qwen2 import left_pad
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
 from lvr_jax.rollout.sampler import Sampler
 from sharding.mesh import make_mesh
 from tests.conftest import perturb
+from tests.torch_reference import rel_err
 
 T = 6
 
@@ -67,6 +69,19 @@ def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g, impl):
         np.testing.assert_array_equal(np.argmax(logits, -1), toks[r])
         want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), toks[r][:, None], 1)
         np.testing.assert_allclose(lps[r], want[:, 0], atol=2e-5)
+
+
+def test_prefix_layout_follows_the_kernel(vlm, prompts):
+    """The einsum kernel keeps the prefix heads-first (what its decode matmuls read in place);
+    the fused kernels' contract ("xla" here) keeps it by token; both hold the same K/V."""
+    x, mask = left_pad([vlm.llm.embed_tokens(jnp.asarray(p)) for p in prompts[::2]])
+    first, by_token = vlm.llm.prefill(x, mask), make_vlm("xla").llm.prefill(x, mask)
+    assert first.heads_first and not by_token.heads_first
+    cfg = vlm.llm.cfg
+    assert first.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, x.shape[1], cfg.head_dim)
+    assert first.kv_heads == by_token.kv_heads == cfg.num_kv_heads
+    for a, b in zip(first.by_token(), by_token.by_token()):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])

@@ -71,6 +71,14 @@ class AttentionOptions:
             raise ValueError(f"attention.key_tile and query_chunk must be >= 1, got "
                              f"{self.key_tile}, {self.query_chunk}")
 
+    def heads_first(self, dtype) -> bool:
+        """Whether a prefill keeps the prefix K/V heads-first ([.., KVH, S, D], `Prefix`): for
+        the einsum kernel, whose batched matmuls need their batch dims (prompt, KV head) leading
+        and would otherwise copy the prefix every decode step and layer. The fused kernels and
+        the `prefix` stand-in read [.., S, KVH, D]."""
+        return (self.prefix is None
+                and fused_blocks.kernel_for(self.implementation, dtype) == "tiled")
+
     def tie(self) -> bool:
         """Whether the ring ties positions on this backend."""
         if self.tie_positions == "auto":
@@ -185,16 +193,19 @@ def local_rows(x, axis: str):
 
 
 def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False,
-                 kernel: str = "tiled"):
-    """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D],
-    valid [B, S]; summed over `axis` when given. Returns float32 (max, sum, weighted values).
-    `scatter`: return only this device's block of the G branches, the sums reduce-scattered
-    (half the bytes of summing all G everywhere). `kernel` (`fused_blocks.kernel_for`): "tiled"
-    writes the float32 scores out; "cudnn" / "xla" run one fused attention per shard and turn its
-    (output, log-sum-exp) into the same partials."""
+                 kernel: str = "tiled", heads_first: bool = False):
+    """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D]
+    ([B, KVH, S, D] when `heads_first`), valid [B, S]; summed over `axis` when given. Returns
+    float32 (max, sum, weighted values), each [B, G, T, KVH, Hg(, D)]. `scatter`: return only
+    this device's block of the G branches, the sums reduce-scattered (half the bytes of summing
+    all G everywhere). `kernel` (`fused_blocks.kernel_for`): "tiled" writes the float32 scores
+    out; "cudnn" / "xla" run one fused attention per shard and turn its (output, log-sum-exp)
+    into the same partials."""
     if kernel == "tiled":
-        m, l_sum, o = _einsum_partials(q, k, v, valid, scale, axis)
+        m, l_sum, o = _einsum_partials(q, k, v, valid, scale, axis, heads_first)
     else:
+        if heads_first:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         b, g, t, kvh, hg, d = q.shape
         rows = jnp.zeros((b, g * t), jnp.int32)
         o, lse = fused_blocks.attention(q.reshape(b, g * t, kvh * hg, d), k, v, rows,
@@ -215,39 +226,73 @@ def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False,
     return m, l_sum, o
 
 
-def _einsum_partials(q, k, v, valid, scale, axis):
-    """The partials with the scores as [B, KVH, rows, S]: batch dims leading, so each product is
-    a plain batched matmul (XLA:CPU ran the [B, G, T, KVH, Hg, S] form as a slower loop)."""
+def key_scores(rows, k, mask, scale):
+    """Scores [..., R, J] float32 of query rows [..., R, D] against heads-first keys
+    [..., J, D], -inf where `mask` (broadcast to [..., R, J]) is False. With the batch dims
+    leading in K/V as stored, this and `key_partials`' product are plain batched matmuls that
+    read K/V in place (XLA:CPU copied a [B, S, KVH, D] prefix into this layout every decode
+    step and layer; scores as [..., J, R] made its weighted-value product a slow generic dot)."""
+    s = jnp.einsum("...rd,...jd->...rj", rows.astype(k.dtype), k,
+                   preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask, s, -jnp.inf)
+
+
+def key_partials(s, m, v):
+    """(sum [..., R], weighted values [..., R, D]) of scores s [..., R, J] shifted by m [..., R]
+    against heads-first values v [..., J, D], float32 (the weights in v's dtype, as
+    `dense_attention`)."""
+    p = jnp.exp(s - m[..., None])
+    o = jnp.einsum("...rj,...jd->...rd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.sum(p, axis=-1), o
+
+
+def row_max(s):
+    """The shift of scores [..., R, J]: their max over J (any shift is exact; stopped, which
+    keeps a pmax out of AD), 0 for a row with no key."""
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _einsum_partials(q, k, v, valid, scale, axis, heads_first):
+    """The tiled kernel's partials, from scores [B, KVH, rows, S] (`key_scores`); a prefix not
+    stored heads-first is transposed here (a copy per call)."""
     b, g, t, kvh, hg, d = q.shape
+    if not heads_first:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     rows = q.transpose(0, 3, 1, 2, 4, 5).reshape(b, kvh, g * t * hg, d)
-    s = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))   # any shift is exact; keeps pmax out of AD
-    back = lambda x: jnp.moveaxis(x.reshape(b, kvh, g, t, hg, *x.shape[3:]), 1, 3)  # noqa: E731
+    s = key_scores(rows, k, valid[:, None, None, :], scale)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
     if axis is not None:
         m = jax.lax.pmax(m, axis)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m[..., None])
-    o = jnp.einsum("bkrs,bskd->bkrd", p, v.astype(jnp.float32))
-    return back(m), back(jnp.sum(p, axis=-1)), back(o)
+    l_sum, o = key_partials(s, m, v)
+    back = lambda x: jnp.moveaxis(x.reshape(b, kvh, g, t, hg, *x.shape[3:]), 1, 3)  # noqa: E731
+    return back(m), back(l_sum), back(o)
 
 
 def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k, cache_v, step,
-                     *, layout, options: AttentionOptions):
-    """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] (sharded over the
-    layout's `cache_length` axis); cache [B, G, C, KVH, D] of which entries < `step` are valid
-    (the sampler writes each step's K/V into it in place afterwards). -> [B, G, T, H, D]. When
-    the G branches are split over that same axis (`Layout.branch_axis`), each device brings only
-    its branches' queries and gets only their partials back. Queries
-    run in rematerialised chunks of `options.query_chunk` when T is longer (same result, less
-    memory)."""
+                     *, layout, options: AttentionOptions, prefix_heads_first: bool = False):
+    """q [B, G, T, H, D]; k_new, v_new [B, G, T, KVH, D]; prefix [B, S, KVH, D] ([B, KVH, S, D]
+    when `prefix_heads_first`; sharded over the layout's `cache_length` axis); the response cache
+    heads-first [B, G, KVH, C, D], of which entries < `step` are valid (the sampler writes each
+    step's K/V into it in place afterwards). -> [B, G, T, H, D]. When the G branches are split
+    over that same axis (`Layout.branch_axis`), each device brings only its branches' queries
+    and gets only their partials back. Queries run in rematerialised chunks of
+    `options.query_chunk` when T is longer (same result, less memory)."""
     b, g, t, h, d = q.shape
     kvh = k_new.shape[-2]
-    qg = q.reshape(b, g, t, kvh, h // kvh, d)
+    hg = h // kvh
+    qg = q.reshape(b, g, t, kvh, hg, d)
     scale = d ** -0.5
     axis = layout.axis("cache_length")
-    stats_fn = options.prefix or functools.partial(
-        prefix_stats, kernel=fused_blocks.kernel_for(options.implementation, q.dtype))
+    if options.prefix is not None:
+        if prefix_heads_first:
+            raise ValueError("the prefix stand-in takes a [B, S, KVH, D] prefix, not heads-first")
+        stats_fn = options.prefix
+    else:
+        stats_fn = functools.partial(
+            prefix_stats, kernel=fused_blocks.kernel_for(options.implementation, q.dtype),
+            heads_first=prefix_heads_first)
     if axis is not None:
         scatter = layout.branch_axis(b, g) == axis
 
@@ -257,29 +302,27 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
             return stats_fn(qc, k, v, valid, scale=scale, axis=axis, scatter=scatter)
 
         rows = P(None, axis) if scatter else P()
+        kv_spec = P(None, None, axis) if prefix_heads_first else P(None, axis)
         stats = jax.shard_map(sharded, mesh=layout.mesh,
-                              in_specs=(rows, P(None, axis), P(None, axis), P(None, axis)),
+                              in_specs=(rows, kv_spec, kv_spec, P(None, axis)),
                               out_specs=rows, axis_names={axis})
     else:
         stats = functools.partial(stats_fn, scale=scale)
-    c = cache_k.shape[2]
+    c = cache_k.shape[3]
+    new_k, new_v = jnp.swapaxes(k_new, 2, 3), jnp.swapaxes(v_new, 2, 3)   # heads-first
 
     def local_stats(qc, k, v, mask):
-        """Softmax partials (max, sum, weighted values) of qc against k, v [B, G, J, KVH, D] under
-        mask [Tc, J]: what `prefix_stats` gives for the prefix."""
-        tc = qc.shape[2]   # scores as [B, G, KVH, Tc * Hg, J]: plain batched matmuls
-        rows = qc.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, kvh, tc * (h // kvh), d)
-        s2 = jnp.einsum("bgkrd,bgjkd->bgkrj", rows, k.astype(qc.dtype),
-                        preferred_element_type=jnp.float32) * scale
-        rows_mask = jnp.repeat(jnp.broadcast_to(mask, (tc, k.shape[2])), h // kvh, axis=0)
-        s2 = jnp.where(rows_mask, s2, -jnp.inf)
-        m = jax.lax.stop_gradient(jnp.max(s2, axis=-1))
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p2 = jnp.exp(s2 - m[..., None])
-        o = jnp.einsum("bgkrj,bgjkd->bgkrd", p2, v.astype(jnp.float32))
+        """Softmax partials (max, sum, weighted values) of qc against heads-first k, v
+        [B, G, KVH, J, D] under mask [Tc, J]: what `prefix_stats` gives for the prefix."""
+        tc = qc.shape[2]
+        rows = qc.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, kvh, tc * hg, d)
+        mask = jnp.repeat(jnp.broadcast_to(mask, (tc, k.shape[3])), hg, axis=0)   # [rows, J]
+        s2 = key_scores(rows, k, mask, scale)
+        m = row_max(s2)
+        l_sum, o = key_partials(s2, m, v)
         back = lambda x: jnp.moveaxis(  # noqa: E731
-            x.reshape(b, g, kvh, tc, h // kvh, *x.shape[4:]), 2, 3)
-        return back(m), back(jnp.sum(p2, axis=-1)), back(o)
+            x.reshape(b, g, kvh, tc, hg, *x.shape[4:]), 2, 3)
+        return back(m), back(l_sum), back(o)
 
     def attend(qc, first):
         """Queries qc [B, G, Tc, KVH, Hg, D] at response positions first, first + 1, ...: the
@@ -289,7 +332,7 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
         parts = [stats(qc, prefix_k, prefix_v, prefix_valid)]
         if c:
             parts.append(local_stats(qc, cache_k, cache_v, jnp.arange(c)[None, :] < step))
-        parts.append(local_stats(qc, k_new, v_new, jnp.arange(t)[None, :] <= i))
+        parts.append(local_stats(qc, new_k, new_v, jnp.arange(t)[None, :] <= i))
         m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [p[0] for p in parts]))
         w = [jnp.exp(p[0] - m) for p in parts]
         denom = sum(p[1] * wi for p, wi in zip(parts, w))

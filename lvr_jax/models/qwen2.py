@@ -203,12 +203,24 @@ def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 
 class Prefix:
     """The shared prompt cache (`Qwen2.prefill`): K/V [layers, B, Lp, KVH, D] in the layout's
     order (zigzag + padding under the ring, sharded over it), validity [B, Lp], real prompt
-    lengths [B], and the logits [B, V] predicting the first response token."""
+    lengths [B], and the logits [B, V] predicting the first response token. `heads_first`: the
+    K/V are [layers, B, KVH, Lp, D], the layout the einsum kernel reads without a copy
+    (`AttentionOptions.heads_first`)."""
     k: jax.Array
     v: jax.Array
     valid: jax.Array
     lengths: jax.Array
     logits: jax.Array
+    heads_first: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[2 if self.heads_first else 3]
+
+    def by_token(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) as [layers, B, Lp, KVH, D], whichever layout they are kept in."""
+        return (jnp.swapaxes(self.k, 2, 3), jnp.swapaxes(self.v, 2, 3)) if self.heads_first \
+            else (self.k, self.v)
 
 
 class Qwen2(nnx.Module):
@@ -261,13 +273,14 @@ class Qwen2(nnx.Module):
                             map_chunks(piece, xs, chunk, remat=True))
 
     def _stack(self, x, positions, attend, per_layer=(), layout: Layout = UNSHARDED,
-               devices: int = 1):
+               devices: int = 1, heads_first: bool = False):
         """The one layer stack: `decoder_layer` scanned over the stacked params (remat per config).
         x [N, L, E] at positions [N, L], L split over `devices` in equal blocks (the MLP pieces
         count a device's tokens); `attend(q, k, v, *per_layer_i)` gets this layer's slice of
         every `per_layer` array (leading axis: layers); weights are gathered for the `layout`
         (`layers.compute_weight`; UNSHARDED: cast where they are, XLA places the rest).
-        Returns (x, per-layer (k, v))."""
+        Returns (x, per-layer (k, v)), each [layers, N, L, KVH, D] ([layers, N, KVH, L, D] with
+        `heads_first`: written so by each layer, no copy after the scan)."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
                                 scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
@@ -277,13 +290,15 @@ class Qwen2(nnx.Module):
 
         def layer(xs, x):
             p, extra = xs
-            return decoder_layer(cfg, p, x, cos, sin, lambda q, k, v: attend(q, k, v, *extra),
-                                 pieces, layout)
+            x, (k, v) = decoder_layer(cfg, p, x, cos, sin,
+                                      lambda q, k, v: attend(q, k, v, *extra), pieces, layout)
+            return x, ((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) if heads_first else (k, v))
 
         stacked = (values(self.layers, LAYER_PARAMS), tuple(per_layer))
         return scan_layers(layer, stacked, x.astype(cfg.dtype), remat=cfg.remat)
 
-    def _prompt(self, x, positions, segment_ids, layout: Layout, laid_out: bool = False):
+    def _prompt(self, x, positions, segment_ids, layout: Layout, laid_out: bool = False,
+                heads_first: bool = False):
         """Prompts [B, L, E] through the stack, laid out for the layout: under a ring axis padded
         and zigzag-ordered, sharded over it (`laid_out`: already so, a `RingPrompt`). Returns
         (hidden, (k, v), seg, where): everything in that order, and `where[i]` = the index of
@@ -297,7 +312,8 @@ class Qwen2(nnx.Module):
         attend = prompt_attention(layout, self.cfg.attention)
         hidden, kv = self._stack(x, positions,
                                  lambda q, k, v: attend(q, k, v, positions, positions, seg, seg),
-                                 layout=layout, devices=layout.size("length"))
+                                 layout=layout, devices=layout.size("length"),
+                                 heads_first=heads_first)
         return hidden, kv, seg, where
 
     def __call__(self, input_embeds: jax.Array, positions: jax.Array, *,
@@ -337,10 +353,12 @@ class Qwen2(nnx.Module):
         if prompt.chunks > 1:
             return self._prefill_chunks(prompt, layout)
         positions, seg = prompt.positions, prompt.segments
-        hidden, (k, v), seg, _ = self._prompt(prompt.x, positions, seg, layout, laid_out=True)
+        heads_first = self.cfg.attention.heads_first(self.cfg.dtype)
+        hidden, (k, v), seg, _ = self._prompt(prompt.x, positions, seg, layout, laid_out=True,
+                                              heads_first=heads_first)
         lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
         h = last_hidden(hidden, positions, seg, lengths)
-        return Prefix(k, v, seg >= 0, lengths, self.head(h))
+        return Prefix(k, v, seg >= 0, lengths, self.head(h), heads_first)
 
     def _prefill_chunks(self, prompt: RingPrompt, layout: Layout) -> Prefix:
         """`prefill` of a prompt laid out in S = `prompt.chunks` chunks, one chunk at a time
@@ -386,8 +404,8 @@ class Qwen2(nnx.Module):
 
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
         """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a
-        response cache (k, v), each [layers, B, G, C, KVH, D], of which `step` entries are
-        valid). Returns (hidden [B, G, T, E], new K/V, each [layers, B, G, T, KVH, D]).
+        response cache (k, v), each heads-first [layers, B, G, KVH, C, D], of which `step`
+        entries are valid). Returns (hidden [B, G, T, E], new K/V, each [layers, B, G, T, KVH, D]).
         Gradients reach the prompt through the prefix K/V of every branch. The branches are split
         over the layout's `branches` axis: each device runs the layers for its share of them."""
         cfg = self.cfg
@@ -402,13 +420,14 @@ class Qwen2(nnx.Module):
         pos = prefix.lengths[:, None, None] + step + jnp.arange(t)[None, None, :]
         pos = jnp.broadcast_to(pos, (b, g, t)).reshape(b * g, t)
         if cache is None:
-            empty = jnp.zeros((cfg.num_layers, b, g, 0, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+            empty = jnp.zeros((cfg.num_layers, b, g, cfg.num_kv_heads, 0, cfg.head_dim), cfg.dtype)
             cache = (empty, empty)
         split = lambda a: a.reshape(b, g, t, *a.shape[2:])  # noqa: E731
 
         def attend(q, k, v, pk, pv, ck, cv):
             o = branch_attention(split(q), split(k), split(v), pk, pv, prefix.valid, ck, cv, step,
-                                 layout=layout, options=cfg.attention)
+                                 layout=layout, options=cfg.attention,
+                                 prefix_heads_first=prefix.heads_first)
             return o.reshape(b * g, t, *o.shape[3:])
 
         # a decode step's few rows: XLA reduces their partial activations instead of gathering

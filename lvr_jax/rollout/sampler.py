@@ -47,7 +47,8 @@ class SamplingParams:
 
 @struct.dataclass
 class DecodeState:
-    """Loop state (donated): response caches [layers, B, G, T, KVH, D], tokens / logprobs
+    """Loop state (donated): response caches heads-first [layers, B, G, KVH, T, D] (what
+    `Qwen2.extend` reads in place), tokens / logprobs
     [B, G, T], done flags and lengths [B, G], current step and next-token logits [B, G, V]."""
     step: jax.Array
     k: jax.Array
@@ -63,8 +64,9 @@ def decode_step(llm, prefix: Prefix, state: DecodeState, token, layout: Layout):
     """Feed `token` [B, G] at `state.step`; returns (next logits [B, G, V], new k, v caches)."""
     hidden, (k_new, v_new) = llm.extend(prefix, token[..., None], cache=(state.k, state.v),
                                         step=state.step, layout=layout)
-    k = jax.lax.dynamic_update_slice_in_dim(state.k, k_new.astype(state.k.dtype), state.step, 3)
-    v = jax.lax.dynamic_update_slice_in_dim(state.v, v_new.astype(state.v.dtype), state.step, 3)
+    put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        cache, jnp.swapaxes(new, 3, 4).astype(cache.dtype), state.step, 4)
+    k, v = put(state.k, k_new), put(state.v, v_new)
     return llm.head(hidden[:, :, 0]), k, v
 
 
@@ -135,9 +137,9 @@ def init_state(prefix: Prefix, params: SamplingParams, cache_dtype,
                layout: Layout = UNSHARDED) -> DecodeState:
     """The decode loop's start: empty response caches, their branches split as `extend` splits
     them (the layout's `branches`), and the prefix's first-token logits for every branch."""
-    layers, b, _, kvh, d = prefix.k.shape
+    layers, b, d = prefix.k.shape[0], prefix.k.shape[1], prefix.k.shape[-1]
     g, t = params.num_samples, params.max_new_tokens
-    cache = layout.constrain(jnp.zeros((layers, b, g, t, kvh, d), cache_dtype),
+    cache = layout.constrain(jnp.zeros((layers, b, g, prefix.kv_heads, t, d), cache_dtype),
                              (None, "batch", "branches", None, None, None))
     logits = jnp.broadcast_to(prefix.logits[:, None], (b, g, prefix.logits.shape[-1]))
     return DecodeState(step=jnp.zeros((), jnp.int32), k=cache, v=cache,
