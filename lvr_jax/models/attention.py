@@ -246,10 +246,12 @@ def key_partials(s, m, v):
     return jnp.sum(p, axis=-1), o
 
 
-def row_max(s):
-    """The shift of scores [..., R, J]: their max over J (any shift is exact; stopped, which
-    keeps a pmax out of AD), 0 for a row with no key."""
+def row_max(s, axis=None):
+    """The shift of scores [..., R, J]: their max over J, and over mesh `axis` when given (any
+    shift is exact; stopped, which keeps the pmax out of AD), 0 for a row with no key."""
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+    if axis is not None:
+        m = jax.lax.pmax(m, axis)
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
@@ -261,10 +263,7 @@ def _einsum_partials(q, k, v, valid, scale, axis, heads_first):
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     rows = q.transpose(0, 3, 1, 2, 4, 5).reshape(b, kvh, g * t * hg, d)
     s = key_scores(rows, k, valid[:, None, None, :], scale)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
-    if axis is not None:
-        m = jax.lax.pmax(m, axis)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    m = row_max(s, axis)
     l_sum, o = key_partials(s, m, v)
     back = lambda x: jnp.moveaxis(x.reshape(b, kvh, g, t, hg, *x.shape[3:]), 1, 3)  # noqa: E731
     return back(m), back(l_sum), back(o)

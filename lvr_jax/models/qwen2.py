@@ -405,7 +405,8 @@ class Qwen2(nnx.Module):
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
         """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a
         response cache (k, v), each heads-first [layers, B, G, KVH, C, D], of which `step`
-        entries are valid). Returns (hidden [B, G, T, E], new K/V, each [layers, B, G, T, KVH, D]).
+        entries are valid). Returns (hidden [B, G, T, E], new K/V in the cache's layout, each
+        [layers, B, G, KVH, T, D]).
         Gradients reach the prompt through the prefix K/V of every branch. The branches are split
         over the layout's `branches` axis: each device runs the layers for its share of them."""
         cfg = self.cfg
@@ -433,8 +434,8 @@ class Qwen2(nnx.Module):
         # a decode step's few rows: XLA reduces their partial activations instead of gathering
         # every weight per token; longer extends (the training forward) gather the weights
         x, (k, v) = self._stack(x, pos, attend, per_layer=(prefix.k, prefix.v, *cache),
-                                layout=layout if t > 1 else UNSHARDED)
-        per_layer = lambda a: rows(a.reshape(-1, b, g, t, *a.shape[3:]), lead=1)  # noqa: E731
+                                layout=layout if t > 1 else UNSHARDED, heads_first=True)
+        per_layer = lambda a: rows(a.reshape(-1, b, g, *a.shape[2:]), lead=1)  # noqa: E731
         return rows(x.reshape(b, g, t, -1)), (per_layer(k), per_layer(v))
 
 

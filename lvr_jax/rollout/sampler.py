@@ -65,7 +65,7 @@ def decode_step(llm, prefix: Prefix, state: DecodeState, token, layout: Layout):
     hidden, (k_new, v_new) = llm.extend(prefix, token[..., None], cache=(state.k, state.v),
                                         step=state.step, layout=layout)
     put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-        cache, jnp.swapaxes(new, 3, 4).astype(cache.dtype), state.step, 4)
+        cache, new.astype(cache.dtype), state.step, 4)
     k, v = put(state.k, k_new), put(state.v, v_new)
     return llm.head(hidden[:, :, 0]), k, v
 
