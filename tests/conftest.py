@@ -1,27 +1,35 @@
 """Test setup: 8 virtual CPU devices, set before jax is imported anywhere; shared fixtures."""
 import os
 
+# LLVM at -O0: the suite is mostly compiling tiny programs; this halves its compile time and
+# leaves the HLO passes (what the memory and collective tests read) as they are. Launch scripts the
+# tests start inherit it; users' runs do not.
+LLVM_O0 = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {LLVM_O0}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
-import pytest
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # rbg keys compile several times faster than threefry on CPU; tests only need determinism.
 jax.config.update("jax_default_prng_impl", "unsafe_rbg")
 
 
-def launch_env(cache=None) -> dict:
+def launch_env(cache=None, *, optimized: bool = False) -> dict:
     """The environment of a launch script a test runs: CPU, and with `cache` (a folder of that
     test's own) a persistent compilation cache for every compile, so a rerun or a resumed run
     loads the programs of the run before instead of compiling them again. Only for processes
-    that run one after another: none of them writes the folder while another does."""
+    that run one after another: none of them writes the folder while another does. `optimized`:
+    LLVM at its default level (`LLVM_O0` off), for runs whose time goes into many steps rather
+    than compiles."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if optimized:
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != LLVM_O0)
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
