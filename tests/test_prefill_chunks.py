@@ -92,6 +92,7 @@ def test_chunked_prefill_equals_whole(model, case, ring, chunks, ring_prompt):
     want = run(model, case, layout, 1, ring_prompt)
     got = run(model, case, layout, chunks, ring_prompt)
     assert got[0].chunks == chunks and got[0].x.shape[1] % (2 * 4 ** ring * chunks) == 0
+    assert got[1].heads_first and want[1].heads_first     # what decode reads in place
     np.testing.assert_array_equal(got[1].lengths, want[1].lengths)
     assert rel_err(got[1].logits, want[1].logits) < 1e-5
     for got_kv, want_kv in zip(got[1].by_token(), want[1].by_token()):

@@ -19,10 +19,10 @@ from tests.torch_reference import rel_err
 T = 6
 
 
-def make_vlm(implementation="auto"):
+def make_vlm(implementation="auto", options=None):
     cfg = vlm_config_from(tiny.get_config().model)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
-        cfg.llm, attention=AttentionOptions(implementation=implementation)))
+        cfg.llm, attention=options or AttentionOptions(implementation=implementation)))
     return perturb(init_vlm(cfg, 1), seed=5, scale=0.3)
 
 
@@ -71,17 +71,25 @@ def test_greedy_equals_full_recompute_argmax(vlm, prompts, shape, g, impl):
         np.testing.assert_allclose(lps[r], want[:, 0], atol=2e-5)
 
 
-def test_prefix_layout_follows_the_kernel(vlm, prompts):
-    """The einsum kernel keeps the prefix heads-first (what its decode matmuls read in place);
-    the fused kernels' contract ("xla" here) keeps it by token; both hold the same K/V."""
+def test_prefix_is_heads_first_but_under_the_stand_in(vlm, prompts):
+    """Every kernel's prefill keeps the prefix heads-first (what decode's einsum matmuls read in
+    place); only the memory planner's `prefix` stand-in takes it by token. All hold the same K/V;
+    a decode step reads the prefix through the einsum partials whatever the kernel."""
     x, mask = left_pad([vlm.llm.embed_tokens(jnp.asarray(p)) for p in prompts[::2]])
-    first, by_token = vlm.llm.prefill(x, mask), make_vlm("xla").llm.prefill(x, mask)
-    assert first.heads_first and not by_token.heads_first
+    stand_in = AttentionOptions(prefix=lambda *a, **kw: None)      # never called by a prefill
+    first = vlm.llm.prefill(x, mask)
+    fused = make_vlm("xla").llm.prefill(x, mask)
+    by_token = make_vlm(options=stand_in).llm.prefill(x, mask)
+    assert first.heads_first and fused.heads_first and not by_token.heads_first
     cfg = vlm.llm.cfg
     assert first.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, x.shape[1], cfg.head_dim)
-    assert first.kv_heads == by_token.kv_heads == cfg.num_kv_heads
-    for a, b in zip(first.by_token(), by_token.by_token()):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    assert first.kv_heads == fused.kv_heads == by_token.kv_heads == cfg.num_kv_heads
+    for other in (fused, by_token):
+        for a, b in zip(first.by_token(), other.by_token()):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    xla = AttentionOptions(implementation="xla")
+    assert xla.prefix_kernel(jnp.float32, 1) == "tiled" and xla.prefix_kernel(jnp.float32, 2) == "xla"
+    assert AttentionOptions().prefix_kernel(jnp.float32, 8) == "tiled"      # CPU: no fused kernel
 
 
 @pytest.mark.parametrize("shape", [None, {"seq": 4, "data": -1}])

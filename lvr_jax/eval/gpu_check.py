@@ -13,8 +13,9 @@ section that fails records its error and the others still run):
              tests prove of its contract
   prefill    a Qwen2 prefill of one prompt (`Qwen2.prefill`, one device), MFU with the model
              FLOPs counted by formula (`qwen2_flops`), not by cost_analysis
-  decode     ms per decode step for G branches against a prefix (`Sampler.compiled`), and the
-             ratio to one read of the bf16 weights + prefix K/V from HBM
+  decode     ms per decode step for G branches against a prefix (`Sampler.compiled`; the prefix
+             through the einsum partials, `AttentionOptions.prefix_kernel`), and the ratio to
+             one read of the bf16 weights + prefix K/V from HBM
   grpo       the phases of one GRPO step of a VLM (encode, prompts, rollout, reference, update)
 Peak device numbers come from `PEAKS` (bf16 dense TFLOP/s, HBM bytes/s) by device kind; unknown
 devices get no MFU. `CPU_SMOKE` runs the same code at toy sizes.

@@ -71,13 +71,21 @@ class AttentionOptions:
             raise ValueError(f"attention.key_tile and query_chunk must be >= 1, got "
                              f"{self.key_tile}, {self.query_chunk}")
 
-    def heads_first(self, dtype) -> bool:
-        """Whether a prefill keeps the prefix K/V heads-first ([.., KVH, S, D], `Prefix`): for
-        the einsum kernel, whose batched matmuls need their batch dims (prompt, KV head) leading
-        and would otherwise copy the prefix every decode step and layer. The fused kernels and
-        the `prefix` stand-in read [.., S, KVH, D]."""
-        return (self.prefix is None
-                and fused_blocks.kernel_for(self.implementation, dtype) == "tiled")
+    def heads_first(self) -> bool:
+        """Whether a prefill keeps the prefix K/V heads-first ([.., KVH, S, D], `Prefix`): always,
+        but under the `prefix` stand-in (which reads [.., S, KVH, D]). Decode reads the prefix
+        through the einsum partials (`prefix_kernel`), whose batched matmuls need their batch
+        dims (prompt, KV head) leading and would otherwise copy the prefix every step and layer;
+        the fused kernels, used for longer extends, take it by token (one copy per call)."""
+        return self.prefix is None
+
+    def prefix_kernel(self, dtype, queries: int) -> str:
+        """The kernel of the branches' prefix attention for `queries` response tokens per branch:
+        the einsum partials ("tiled") for a decode step (1), else `fused_blocks.kernel_for`. A
+        flash kernel over a decode step's few query rows runs one block per (prompt, head) down
+        the whole prefix, and its segment slots would pad a copy of the prefix every step and
+        layer; the einsum partials read the heads-first prefix where it is."""
+        return "tiled" if queries == 1 else fused_blocks.kernel_for(self.implementation, dtype)
 
     def tie(self) -> bool:
         """Whether the ring ties positions on this backend."""
@@ -289,9 +297,8 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
             raise ValueError("the prefix stand-in takes a [B, S, KVH, D] prefix, not heads-first")
         stats_fn = options.prefix
     else:
-        stats_fn = functools.partial(
-            prefix_stats, kernel=fused_blocks.kernel_for(options.implementation, q.dtype),
-            heads_first=prefix_heads_first)
+        stats_fn = functools.partial(prefix_stats, kernel=options.prefix_kernel(q.dtype, t),
+                                     heads_first=prefix_heads_first)
     if axis is not None:
         scatter = layout.branch_axis(b, g) == axis
 

@@ -201,11 +201,11 @@ def decoder_layer(cfg: Qwen2Config, p: dict, x, cos, sin, attend, pieces: int = 
 
 @struct.dataclass
 class Prefix:
-    """The shared prompt cache (`Qwen2.prefill`): K/V [layers, B, Lp, KVH, D] in the layout's
-    order (zigzag + padding under the ring, sharded over it), validity [B, Lp], real prompt
-    lengths [B], and the logits [B, V] predicting the first response token. `heads_first`: the
-    K/V are [layers, B, KVH, Lp, D], the layout the einsum kernel reads without a copy
-    (`AttentionOptions.heads_first`)."""
+    """The shared prompt cache (`Qwen2.prefill`): K/V [layers, B, KVH, Lp, D] (`heads_first`,
+    what decode reads without a copy; [layers, B, Lp, KVH, D] only under the memory planner's
+    prefix stand-in, `AttentionOptions.heads_first`) in the layout's order (zigzag + padding
+    under the ring, sharded over it), validity [B, Lp], real prompt lengths [B], and the logits
+    [B, V] predicting the first response token."""
     k: jax.Array
     v: jax.Array
     valid: jax.Array
@@ -351,26 +351,29 @@ class Qwen2(nnx.Module):
             raise ValueError(f"RingPrompt laid out for a ring of {prompt.shards}, the layout's "
                              f"is {ring_size(layout)}")
         if prompt.chunks > 1:
-            return self._prefill_chunks(prompt, layout)
+            return self._prefill_chunks(prompt, layout, self.cfg.attention.heads_first())
         positions, seg = prompt.positions, prompt.segments
-        heads_first = self.cfg.attention.heads_first(self.cfg.dtype)
+        heads_first = self.cfg.attention.heads_first()
         hidden, (k, v), seg, _ = self._prompt(prompt.x, positions, seg, layout, laid_out=True,
                                               heads_first=heads_first)
         lengths = jnp.sum(seg >= 0, axis=1).astype(jnp.int32)
         h = last_hidden(hidden, positions, seg, lengths)
         return Prefix(k, v, seg >= 0, lengths, self.head(h), heads_first)
 
-    def _prefill_chunks(self, prompt: RingPrompt, layout: Layout) -> Prefix:
+    def _prefill_chunks(self, prompt: RingPrompt, layout: Layout, heads_first: bool = False
+                        ) -> Prefix:
         """`prefill` of a prompt laid out in S = `prompt.chunks` chunks, one chunk at a time
         through the whole stack (forward only): chunk s attends to the K/V of chunks < s, kept
-        in a cache [layers, B, n, S, w, KVH, D] (w: a device's tokens of a chunk), and to its
-        own tokens, in one masked ring (the keys being longer than the queries, the ring takes
-        all its 4n sub-blocks; the part of the own chunk a causal mask hides, 1 / S of the
-        attention, is computed and masked). No activation is longer than a chunk's share; the
-        K/V come out in the prompt's order, so `Prefix.valid` is its mask."""
+        in a cache [layers, B, n, S, w, KVH, D] (w: a device's tokens of a chunk; with
+        `heads_first` [layers, B, KVH, n, S, w, D], the prefix's layout, so none is copied at
+        the end), and to its own tokens, in one masked ring (the keys being longer than the
+        queries, the ring takes all its 4n sub-blocks; the part of the own chunk a causal mask
+        hides, 1 / S of the attention, is computed and masked). No activation is longer than a
+        chunk's share; the K/V come out in the prompt's order, so `Prefix.valid` is its mask."""
         cfg, n, chunks = self.cfg, prompt.shards, prompt.chunks
         b, lp = prompt.x.shape[:2]
         w = lp // (n * chunks)
+        kvh, d = cfg.num_kv_heads, cfg.head_dim
         names = ("batch", "length") + (None,) * 4
 
         def split(a):          # [B, Lp, ...] -> [B, n, S, w, ...]: each device's own block
@@ -379,9 +382,10 @@ class Qwen2(nnx.Module):
 
         x, pos, seg = split(prompt.x), split(prompt.positions), split(prompt.segments)
         flat = lambda a: a.reshape(b, -1, *a.shape[4:])  # noqa: E731
-        cache = jnp.zeros((cfg.num_layers, b, n, chunks, w, cfg.num_kv_heads, cfg.head_dim),
-                          cfg.dtype)
-        cache = (layout.constrain(cache, (None, *names)),) * 2
+        shape, cache_names = (((b, kvh, n, chunks, w, d), ("batch", None, "length", None, None, None))
+                              if heads_first else ((b, n, chunks, w, kvh, d), names))
+        cache = jnp.zeros((cfg.num_layers, *shape), cfg.dtype)
+        cache = (layout.constrain(cache, (None, *cache_names)),) * 2
         attend = prompt_attention(layout, cfg.attention)
         lengths = jnp.sum(prompt.segments >= 0, axis=1).astype(jnp.int32)
         h = jnp.zeros((b, cfg.hidden_size), cfg.dtype)
@@ -389,18 +393,26 @@ class Qwen2(nnx.Module):
             q_pos, q_seg = flat(pos[:, :, s:s + 1]), flat(seg[:, :, s:s + 1])
             k_pos, k_seg = flat(pos[:, :, :s + 1]), flat(seg[:, :, :s + 1])
 
-            def att(q, k, v, ck, cv, s=s, q_pos=q_pos, q_seg=q_seg, k_pos=k_pos, k_seg=k_seg):
-                own = lambda new, old: jnp.concatenate(  # noqa: E731
-                    [old[:, :, :s], new.reshape(b, n, 1, w, *new.shape[2:])], axis=2)
-                return attend(q, flat(own(k, ck)), flat(own(v, cv)), q_pos, k_pos, q_seg, k_seg)
+            def own(new, old, s=s):
+                """Chunks < s of a layer's cache, then this chunk's own K/V: by token, flat."""
+                old = jnp.moveaxis(old[:, :, :, :s], 1, -2) if heads_first else old[:, :, :s]
+                return flat(jnp.concatenate([old, new.reshape(b, n, 1, w, kvh, d)], axis=2))
+
+            def att(q, k, v, ck, cv, q_pos=q_pos, q_seg=q_seg, k_pos=k_pos, k_seg=k_seg):
+                return attend(q, own(k, ck), own(v, cv), q_pos, k_pos, q_seg, k_seg)
 
             hidden, kv = self._stack(flat(x[:, :, s:s + 1]), q_pos, att, per_layer=cache,
-                                     layout=layout, devices=n)
-            cache = tuple(c.at[:, :, :, s].set(a.reshape(-1, b, n, w, *a.shape[3:]))
-                          for c, a in zip(cache, kv))
+                                     layout=layout, devices=n, heads_first=heads_first)
+            if heads_first:     # [layers, B, KVH, n w, D] into the chunk's slot
+                cache = tuple(c.at[:, :, :, :, s].set(a.reshape(-1, b, kvh, n, w, d))
+                              for c, a in zip(cache, kv))
+            else:
+                cache = tuple(c.at[:, :, :, s].set(a.reshape(-1, b, n, w, kvh, d))
+                              for c, a in zip(cache, kv))
             h = h + last_hidden(hidden, q_pos, q_seg, lengths)
-        k, v = (c.reshape(cfg.num_layers, b, lp, *c.shape[-2:]) for c in cache)
-        return Prefix(k, v, prompt.segments >= 0, lengths, self.head(h))
+        out = (cfg.num_layers, b, kvh, lp, d) if heads_first else (cfg.num_layers, b, lp, kvh, d)
+        k, v = (c.reshape(out) for c in cache)
+        return Prefix(k, v, prompt.segments >= 0, lengths, self.head(h), heads_first)
 
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
         """Run response tokens [B, G, T] of G branches per prompt against `prefix` (and a

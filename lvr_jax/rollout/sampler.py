@@ -4,7 +4,8 @@ The decode loop only; the layers run in the model (`Qwen2.prefill` / `Qwen2.exte
 (DESIGN.md, MR-SP point 3):
   * prefill: the B prompts (left padded; positions from the mask; padding = segment -1) run once
     through the LLM, sequence-parallel (zigzag ring) under a layout with a ring axis. The
-    per-layer K/V stay in the ring's order and sharding: the prefix cache [layers, B, Lp, KVH, D].
+    per-layer K/V stay in the ring's order and sharding: the prefix cache, heads-first
+    [layers, B, KVH, Lp, D] (what each decode step's einsum partials read in place).
   * decode: G branches per prompt (`Qwen2.extend` with one token): each step's attention merges
     the query against the prefix (combined over its shards) and the branch's own response cache
     [layers, B, G, T, KVH, D].
