@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from lvr_jax import cli
-from lvr_jax.eval.gpu_check import qwen2_flops
+from lvr_jax.eval.gpu_check import loop_writes, qwen2_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +30,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
                                          "ring_fused_backward")) > 0
     assert got["prefill"]["tflops"] > 0 and got["prefill"]["mfu"] is None   # no CPU peak
     assert got["decode"]["ms_per_step"] > 0
+    # XLA:CPU writes each layer's prefix K and V out of the stacked prefix every step (the layer
+    # scan's dynamic slice); on a GPU the same count says whether its gemms read them in place
+    assert got["decode"]["prefix_copies_in_loop"] >= 2, got["decode"]
     assert set(got["grpo"]["timed"]) == {"encode", "prompts", "rollout", "reference", "update"}
 
 
@@ -64,3 +69,32 @@ def test_cuda_plugin_probe_without_jax_platforms(monkeypatch):
     assert cli._module_exists("json") is True
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert cli.has_cuda_plugin() is False
+
+
+def test_loop_writes_counts_arrays_written_in_loop_bodies_only():
+    hlo = """%fused_computation (p: f32[1,2,8,4]) -> f32[1,2,8,4] {
+  %p = f32[1,2,8,4]{3,2,1,0} parameter(0)
+  ROOT %neg = f32[1,2,8,4]{3,2,1,0} negate(%p)
+}
+
+%body (t: (s32[], f32[3,2,8,4])) -> (s32[], f32[3,2,8,4]) {
+  %t = (s32[], f32[3,2,8,4]) parameter(0)
+  %c = f32[3,2,8,4]{3,2,1,0} get-tuple-element(%t), index=1
+  %ds = f32[1,2,8,4]{3,2,1,0} dynamic-slice(%c, %i, %z, %z, %z), dynamic_slice_sizes={1,2,8,4}
+  %b = f32[2,8,4]{2,1,0} bitcast(%ds)
+  %h = bf16[2,8,4]{2,1,0} convert(%b)
+  %f = f32[2,8,4]{2,1,0} fusion(%ds), kind=kLoop, calls=%fused_computation
+  ROOT %r = (s32[], f32[3,2,8,4]) tuple(%i, %c)
+}
+
+ENTRY %main (a: f32[3,2,8,4]) -> f32[2,8,4] {
+  %a = f32[3,2,8,4]{3,2,1,0} parameter(0)
+  %s = f32[1,2,8,4]{3,2,1,0} slice(%a), slice={[0:1], [0:2], [0:8], [0:4]}
+  %w = (s32[], f32[3,2,8,4]) while(%t0), condition=%cond, body=%body
+}
+"""
+    # in the body: the dynamic slice and the fusion (not the bitcast, nor the bf16 convert);
+    # the entry's slice and the fusion's own body are outside the loop
+    assert loop_writes(hlo, jnp.float32, (2, 8, 4)) == 2
+    assert loop_writes(hlo, jnp.bfloat16, (1, 2, 8, 4)) == 1
+    assert loop_writes(hlo, jnp.float32, (2, 8, 5)) == 0

@@ -17,6 +17,7 @@ import pytest
 
 from configs import demo
 from lvr_jax.data.prompts import template_corpus
+from tests.conftest import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -56,15 +57,16 @@ def grpo_cmd(root: Path, workdir: Path, steps: int) -> list[str]:
             "--config.data.pipeline.batch_size=2"]
 
 
-def env():
-    out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    out["JAX_PLATFORMS"] = "cpu"
+def env(cache=None):
+    """`launch_env(cache)` without a coordinator, with this repo on the path (for the reward).
+    A cache shared by the processes of one run is safe: jax writes entries from process 0 only."""
+    out = {k: v for k, v in launch_env(cache).items() if not k.startswith("JAX_COORDINATOR")}
     out["PYTHONPATH"] = os.pathsep.join([str(ROOT), out.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return out
 
 
-def run(cmd, timeout=900):
-    out = subprocess.run(cmd, env=env(), timeout=timeout, capture_output=True, text=True)
+def run(cmd, timeout=900, cache=None):
+    out = subprocess.run(cmd, env=env(cache), timeout=timeout, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -119,8 +121,8 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, r
 
     # 2 x 4 devices; SIGTERM once the step-2 checkpoint exists: both processes agree to stop at
     # the next step boundary, save together and exit 0; the rerun resumes there.
-    two = tmp_path / "two"
-    proc = subprocess.Popen(two_processes(grpo_cmd(run_inputs, two, steps)), env=env(),
+    two, cache = tmp_path / "two", tmp_path / "jit_cache"      # the rerun loads the programs
+    proc = subprocess.Popen(two_processes(grpo_cmd(run_inputs, two, steps)), env=env(cache),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = two / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 800
@@ -134,7 +136,7 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(one_process, r
     stopped = int(out.split("stopped by a signal at step ")[1].split(";")[0])
     assert 2 <= stopped < steps, out[-3000:]
 
-    out = run(two_processes(grpo_cmd(run_inputs, two, steps)))
+    out = run(two_processes(grpo_cmd(run_inputs, two, steps)), cache=cache)
     assert f"resumed from checkpoint step {stopped}" in out
     got = metrics(two)
     assert sorted(got) == list(range(1, steps + 1))

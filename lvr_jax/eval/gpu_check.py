@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import time
 import traceback
@@ -243,6 +244,8 @@ def decode(sizes: Sizes) -> dict:
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(0), r))(jnp.arange(g))
     seconds = timed(lambda: run_decode(state, prefix, run_init(prefix), keys),
                     repeats=sizes.repeats)
+    hlo = run_decode.lower(state, prefix, run_init(prefix), keys).compile().as_text()
+    layer_kv = (1, cfg.num_kv_heads, s, cfg.head_dim)          # one layer's prefix K or V
     param_bytes = sum(2 * x.size for x in jax.tree.leaves(state))          # bf16 weights
     kv_bytes = 2 * 2 * cfg.num_layers * s * cfg.num_kv_heads * cfg.head_dim  # bf16 K and V
     _, hbm = peaks()
@@ -250,7 +253,31 @@ def decode(sizes: Sizes) -> dict:
     per_step = seconds / steps
     return {"prefix": s, "group": g, "steps": steps, "ms_per_step": 1e3 * per_step,
             "hbm_read_ms": 1e3 * ideal if ideal else None,
-            "vs_hbm_read": per_step / ideal if ideal else None}
+            "vs_hbm_read": per_step / ideal if ideal else None,
+            "prefix_copies_in_loop": loop_writes(hlo, prefix.k.dtype, layer_kv)}
+
+
+FREE_OPS = ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")
+
+
+def loop_writes(hlo: str, dtype, shape) -> int:
+    """Instructions in the while-loop bodies of compiled HLO text (outside fusion bodies) whose
+    result is a `dtype` array of `shape` (size-1 dims ignored): in the decode loop, each a layer's
+    prefix K or V written out every step (the layer scan's slice of the stacked prefix) rather
+    than read where it is; 0 where the consumers read the slice in place."""
+    name = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[jnp.dtype(dtype).name]
+    want = [d for d in shape if d != 1]
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo))
+    count, inside = 0, False
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+        if head:
+            inside = head.group(1) in bodies
+            continue
+        op = re.match(r"\s+(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\](?:\{[^}]*\})? ([\w-]+)\(", line)
+        if inside and op and op.group(1) == name and op.group(3) not in FREE_OPS:
+            count += [int(d) for d in op.group(2).split(",") if d and int(d) != 1] == want
+    return count
 
 
 def grpo(sizes: Sizes) -> dict:
