@@ -297,8 +297,11 @@ def branch_attention(q, k_new, v_new, prefix_k, prefix_v, prefix_valid, cache_k,
             raise ValueError("the prefix stand-in takes a [B, S, KVH, D] prefix, not heads-first")
         stats_fn = options.prefix
     else:
-        stats_fn = functools.partial(prefix_stats, kernel=options.prefix_kernel(q.dtype, t),
-                                     heads_first=prefix_heads_first)
+        kernel = options.prefix_kernel(q.dtype, t)
+        if kernel != "tiled" and prefix_heads_first:   # fused kernels read by token: swap once
+            prefix_k, prefix_v = jnp.swapaxes(prefix_k, 1, 2), jnp.swapaxes(prefix_v, 1, 2)
+            prefix_heads_first = False                  # here, not in every query chunk
+        stats_fn = functools.partial(prefix_stats, kernel=kernel, heads_first=prefix_heads_first)
     if axis is not None:
         scatter = layout.branch_axis(b, g) == axis
 
