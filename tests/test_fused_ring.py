@@ -161,6 +161,10 @@ def test_fused_prefix_partials_equal_einsum_ones_with_gradients():
     assert abs(float(got - want)) < 1e-5 * abs(float(want))
     for a, b in zip(g_got, g_want):
         assert rel(a, b) < 1e-5
+    # the fused kernels take the prefix by token; branch_attention swaps a heads-first one
+    with pytest.raises(ValueError, match="'xla' kernel takes the prefix by token"):
+        prefix_stats(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), valid, scale=0.3,
+                     kernel="xla", heads_first=True)
 
 
 def test_cudnn_kernel_lowers_for_cuda_without_conditionals():

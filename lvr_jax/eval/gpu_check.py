@@ -244,7 +244,7 @@ def decode(sizes: Sizes) -> dict:
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(0), r))(jnp.arange(g))
     seconds = timed(lambda: run_decode(state, prefix, run_init(prefix), keys),
                     repeats=sizes.repeats)
-    hlo = run_decode.lower(state, prefix, run_init(prefix), keys).compile().as_text()
+    hlo = run_decode.lower(state, prefix, jax.eval_shape(run_init, prefix), keys).compile().as_text()
     layer_kv = (1, cfg.num_kv_heads, s, cfg.head_dim)          # one layer's prefix K or V
     param_bytes = sum(2 * x.size for x in jax.tree.leaves(state))          # bf16 weights
     kv_bytes = 2 * 2 * cfg.num_layers * s * cfg.num_kv_heads * cfg.head_dim  # bf16 K and V

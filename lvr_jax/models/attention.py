@@ -203,17 +203,18 @@ def local_rows(x, axis: str):
 def prefix_stats(q, k, v, valid, *, scale, axis=None, scatter: bool = False,
                  kernel: str = "tiled", heads_first: bool = False):
     """Softmax partials of q [B, G, T, KVH, Hg, D] against the prefix (shard) k, v [B, S, KVH, D]
-    ([B, KVH, S, D] when `heads_first`), valid [B, S]; summed over `axis` when given. Returns
-    float32 (max, sum, weighted values), each [B, G, T, KVH, Hg(, D)]. `scatter`: return only
-    this device's block of the G branches, the sums reduce-scattered (half the bytes of summing
-    all G everywhere). `kernel` (`fused_blocks.kernel_for`): "tiled" writes the float32 scores
-    out; "cudnn" / "xla" run one fused attention per shard and turn its (output, log-sum-exp)
-    into the same partials."""
+    ([B, KVH, S, D] when `heads_first`: the tiled kernel only), valid [B, S]; summed over `axis`
+    when given. Returns float32 (max, sum, weighted values), each [B, G, T, KVH, Hg(, D)].
+    `scatter`: return only this device's block of the G branches, the sums reduce-scattered
+    (half the bytes of summing all G everywhere). `kernel` (`fused_blocks.kernel_for`): "tiled"
+    writes the float32 scores out; "cudnn" / "xla" run one fused attention per shard and turn its
+    (output, log-sum-exp) into the same partials."""
     if kernel == "tiled":
         m, l_sum, o = _einsum_partials(q, k, v, valid, scale, axis, heads_first)
     else:
         if heads_first:
-            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+            raise ValueError(f"the {kernel!r} kernel takes the prefix by token ([B, S, KVH, D]; "
+                             "branch_attention swaps a heads-first one once per call)")
         b, g, t, kvh, hg, d = q.shape
         rows = jnp.zeros((b, g * t), jnp.int32)
         o, lse = fused_blocks.attention(q.reshape(b, g * t, kvh * hg, d), k, v, rows,

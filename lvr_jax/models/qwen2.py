@@ -384,6 +384,8 @@ class Qwen2(nnx.Module):
         flat = lambda a: a.reshape(b, -1, *a.shape[4:])  # noqa: E731
         shape, cache_names = (((b, kvh, n, chunks, w, d), ("batch", None, "length", None, None, None))
                               if heads_first else ((b, n, chunks, w, kvh, d), names))
+        slot = 3 if heads_first else 2           # a layer's cache: the chunk axis, after n
+        piece = shape[:slot] + shape[slot + 1:]  # one chunk's K/V of a layer
         cache = jnp.zeros((cfg.num_layers, *shape), cfg.dtype)
         cache = (layout.constrain(cache, (None, *cache_names)),) * 2
         attend = prompt_attention(layout, cfg.attention)
@@ -395,7 +397,8 @@ class Qwen2(nnx.Module):
 
             def own(new, old, s=s):
                 """Chunks < s of a layer's cache, then this chunk's own K/V: by token, flat."""
-                old = jnp.moveaxis(old[:, :, :, :s], 1, -2) if heads_first else old[:, :, :s]
+                old = jax.lax.slice_in_dim(old, 0, s, axis=slot)
+                old = jnp.moveaxis(old, 1, -2) if heads_first else old
                 return flat(jnp.concatenate([old, new.reshape(b, n, 1, w, kvh, d)], axis=2))
 
             def att(q, k, v, ck, cv, q_pos=q_pos, q_seg=q_seg, k_pos=k_pos, k_seg=k_seg):
@@ -403,15 +406,11 @@ class Qwen2(nnx.Module):
 
             hidden, kv = self._stack(flat(x[:, :, s:s + 1]), q_pos, att, per_layer=cache,
                                      layout=layout, devices=n, heads_first=heads_first)
-            if heads_first:     # [layers, B, KVH, n w, D] into the chunk's slot
-                cache = tuple(c.at[:, :, :, :, s].set(a.reshape(-1, b, kvh, n, w, d))
-                              for c, a in zip(cache, kv))
-            else:
-                cache = tuple(c.at[:, :, :, s].set(a.reshape(-1, b, n, w, kvh, d))
-                              for c, a in zip(cache, kv))
+            at = (slice(None),) * (slot + 1) + (s,)     # [layers, ...] into the chunk's slot
+            cache = tuple(c.at[at].set(a.reshape(-1, *piece)) for c, a in zip(cache, kv))
             h = h + last_hidden(hidden, q_pos, q_seg, lengths)
-        out = (cfg.num_layers, b, kvh, lp, d) if heads_first else (cfg.num_layers, b, lp, kvh, d)
-        k, v = (c.reshape(out) for c in cache)
+        # (n, S, w) -> Lp, in the prompt's order
+        k, v = (c.reshape(cfg.num_layers, *shape[:slot - 1], lp, *shape[slot + 2:]) for c in cache)
         return Prefix(k, v, prompt.segments >= 0, lengths, self.head(h), heads_first)
 
     def extend(self, prefix: Prefix, tokens, *, cache=None, step=0, layout: Layout = UNSHARDED):
