@@ -1,5 +1,7 @@
 """Test setup: 8 virtual CPU devices, set before jax is imported anywhere; shared fixtures."""
 import os
+import shutil
+import tempfile
 
 # LLVM at -O0: the suite is mostly compiling tiny programs; this halves its compile time and
 # leaves the HLO passes (what the memory and collective tests read) as they are. Launch scripts the
@@ -12,6 +14,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# One persistent compilation cache for the whole run, shared by both xdist workers and the launch
+# scripts the tests start: many tests compile the same tiny programs. max_size turns on jax's file
+# lock around every read and write, so concurrent processes can share the folder.
+# The first process (xdist's controller) names it; the workers inherit the name and the controller
+# removes the folder at the end.
+_OWNS_CACHE = "LVR_JAX_TESTS_JIT_CACHE" not in os.environ
+JIT_CACHE = os.environ.setdefault("LVR_JAX_TESTS_JIT_CACHE",
+                                  os.path.join(tempfile.gettempdir(), f"lvr_jax_tests_jit_{os.getpid()}"))
+os.environ.update(JAX_COMPILATION_CACHE_DIR=JIT_CACHE, JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
@@ -20,13 +33,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_default_prng_impl", "unsafe_rbg")
 
 
+def pytest_sessionfinish(session):
+    """The process that named the run's compilation cache removes it."""
+    if _OWNS_CACHE:
+        shutil.rmtree(JIT_CACHE, ignore_errors=True)
+
+
 def launch_env(cache=None, *, optimized: bool = False) -> dict:
-    """The environment of a launch script a test runs: CPU, and with `cache` (a folder of that
-    test's own) a persistent compilation cache for every compile, so a rerun or a resumed run
-    loads the programs of the run before instead of compiling them again. Only for processes
-    that run one after another: none of them writes the folder while another does. `optimized`:
-    LLVM at its default level (`LLVM_O0` off), for runs whose time goes into many steps rather
-    than compiles."""
+    """The environment of a launch script a test runs: CPU, and the run's shared compilation cache
+    (`JIT_CACHE`). `cache`: a folder of that test's own instead, caching every compile however
+    short, so a rerun or a resumed run loads the programs of the run before; for tests that kill
+    a process, whose half-written entries must not reach other tests. `optimized`: LLVM at its
+    default level (`LLVM_O0` off), for runs whose time goes into many steps rather than
+    compiles."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if optimized:
         env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != LLVM_O0)
