@@ -1,7 +1,7 @@
 """Throughput of the video data pipeline (decode + SigLIP preprocessing + tokenize + batch).
 
 Runs the grain pipeline over a synthetic set with 1 and 2 decoding worker processes and prints a
-Markdown table of frames/s (also written to OUT/bench_data.md and OUT/bench_data.json).
+Markdown table of frames/s (also written to OUT/bench_data.md, .json and .png).
 Startup (spawning the workers, first batch) is reported apart from the steady-state rate.
 
     python launch/bench_data.py --out=/tmp/bench --workers=1,2 --image_size=28
@@ -10,8 +10,6 @@ Startup (spawning the workers, first batch) is reported apart from the steady-st
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 import types
@@ -19,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "folder for bench_data.md / .json", required=True)
+_OUT = flags.DEFINE_string("out", None, "folder for bench_data.md / .json / .png", required=True)
 _DATA = flags.DEFINE_string("data", None, "a synthetic dataset folder (default: made under --out)")
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 48, "items to generate when --data is not given")
 _VIDEO_FRAMES = flags.DEFINE_integer("video_frames", 256, "frames per generated video")
@@ -67,27 +65,19 @@ def measure(records, cfg, tokenizer, pre) -> dict:
                 first_batch_frames=int(first["num_frames"].sum()))
 
 
-def table(rows, args) -> str:
-    head = (f"Data pipeline throughput: {args.num_frames} frames sampled per video "
-            f"({args.video_frames}-frame {args.video_size}px H.264 videos), SigLIP preprocessing to "
-            f"{args.image_size}px, batch {args.batch_size}; {os.cpu_count()} CPU cores "
-            f"({platform.processor() or platform.machine()}).\n\n")
-    lines = ["| workers | videos | frames | steady s | frames/s | videos/s | startup s |",
-             "|--------:|-------:|-------:|---------:|---------:|---------:|----------:|"]
-    for r in rows:
-        lines.append(f"| {r['workers']} | {r['videos']} | {r['frames']} | {r['steady_s']:.2f} | "
-                     f"{r['frames_per_s']:.0f} | {r['videos_per_s']:.1f} | {r['startup_s']:.2f} |")
-    return head + "\n".join(lines) + "\n"
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
     args = types.SimpleNamespace(**{h.name: h.value for h in _ALL})
+    try:
+        counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise app.UsageError(f"--workers must be comma-separated integers, got {args.workers!r}") from None
     from lvr_jax.data import synthetic
     from lvr_jax.data.dataset import DataConfig
     from lvr_jax.data.records import load_records
     from lvr_jax.data.video import Preprocessor
+    from lvr_jax.eval import bench_data_report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,15 +91,15 @@ def main(argv: list[str]) -> None:
     tokenizer = _tokenizer(args.tokenizer)
     pre = Preprocessor.for_image_size(args.image_size)
     rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
+    for workers in counts:
         cfg = DataConfig(root=str(data), num_frames=args.num_frames, batch_size=args.batch_size,
                          num_workers=workers, num_epochs=args.epochs, seed=0)
         rows.append(measure(records, cfg, tokenizer, pre))
+        if not rows[-1]["batches"]:
+            raise app.UsageError("one batch only, no steady state to time: raise --num_items or "
+                                 "--epochs, or lower --batch_size")
         print(json.dumps(rows[-1]))
-    md = table(rows, args)
-    print(md)
-    (out / "bench_data.md").write_text(md)
-    (out / "bench_data.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(bench_data_report.write(out, rows, vars(args)))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 shared prefix and the repeated prompts once, medians reported), and the prefix cache bytes and
 prefill FLOPs of a group of G samples with and without the shared prefix. Each sampler is also
 timed for one new token (the prefill and the first token), so the table splits each call into
-that and the decode loop's ms per step. Writes bench_sampler.md and bench_sampler.json (every
-round's seconds).
+that and the decode loop's ms per step. Writes bench_sampler.md, bench_sampler.png and
+bench_sampler.json (every round's seconds).
     python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
 """
 
@@ -16,8 +16,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 cli.cpu_devices()
 
 import functools  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -28,16 +26,17 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from lvr_jax.eval import bench_sampler_report  # noqa: E402
 from lvr_jax.eval.flops import prefill_flops  # noqa: E402
 from lvr_jax.models.qwen2 import left_pad  # noqa: E402
 from lvr_jax.rollout.sampler import Sampler  # noqa: E402
 from lvr_jax.weights.hf import load_llm  # noqa: E402
 
-flags.DEFINE_string("out", "runs/bench_sampler", "folder for bench_sampler.md")
+flags.DEFINE_string("out", "runs/bench_sampler", "folder for bench_sampler.md / .json / .png")
 flags.DEFINE_integer("prompts", 4, "prompts per batch")
 flags.DEFINE_integer("group", 8, "G samples per prompt")
 flags.DEFINE_integer("prompt_len", 256, "tokens per prompt")
-flags.DEFINE_integer("new", 64, "new tokens per sample")
+flags.DEFINE_integer("new", 64, "new tokens per sample (>= 2: one for the first token, the rest decode)")
 flags.DEFINE_integer("repeats", 5, "timed rounds (after one warm-up of each sampler)")
 
 
@@ -91,13 +90,14 @@ def prefill_cost(llm, prompts: np.ndarray):
 
 def main(_):
     args = flags.FLAGS
-    os.makedirs(args.out, exist_ok=True)
+    for name, least in (("prompts", 1), ("group", 1), ("prompt_len", 1), ("new", 2), ("repeats", 1)):
+        if getattr(args, name) < least:
+            raise app.UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = tiny_torch_qwen2(tmp)
         llm, _ = load_llm(tmp)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, 512, (args.prompts, args.prompt_len))
-    rows = args.prompts * args.group
     shared, repeated = Sampler(llm), Sampler(llm, share_prefix=False)
     repeats = np.repeat(prompts, args.group, axis=0)
     runs = {}
@@ -112,38 +112,9 @@ def main(_):
         for name, run in runs.items():
             time.sleep(0.5)   # let the other runtime's worker threads stop spinning first
             seconds[name].append(run())
-    med = {n: statistics.median(t) for n, t in seconds.items()}
-    hf_dt = med["hf"]
-    step_ms = {n: 1e3 * (med[n] - med[n + "_first"]) / max(args.new - 1, 1)
-               for n in ("hf", "shared", "repeated")}
-    shared_flops, shared_bytes = prefill_cost(llm, prompts)
-    rep_flops, rep_bytes = prefill_cost(llm, repeats)
-    tok = rows * args.new
-    lines = [
-        f"Tiny Qwen2 (64 wide, 2 layers), {args.prompts} prompts x G={args.group}, prompt "
-        f"{args.prompt_len} tokens, {args.new} new tokens, greedy, CPU (torch "
-        f"{sys.modules['torch'].__version__}), median of {args.repeats} interleaved rounds.",
-        "", "| sampler | wall s | tokens/s | vs HF generate | first token s | decode ms/step "
-        "| decode vs HF |", "|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| {label} | {med[n]:.3f} | {tok / med[n]:.0f} | {hf_dt / med[n]:.2f} | "
-          f"{med[n + '_first']:.3f} | {step_ms[n]:.2f} | {step_ms['hf'] / step_ms[n]:.2f} |"
-          for n, label in (("hf", f"transformers generate (batch {rows})"),
-                           ("shared", "lvr_jax, shared prefix"),
-                           ("repeated", "lvr_jax, prompt repeated G times"))), "",
-        "| prefill of one batch | FLOPs | prefix K/V bytes |", "|---|---:|---:|",
-        f"| shared prefix (B={args.prompts}) | {shared_flops:.3e} | {shared_bytes} |",
-        f"| repeated (B x G={rows}) | {rep_flops:.3e} | {rep_bytes} |",
-        f"| ratio | {rep_flops / shared_flops:.2f}x | {rep_bytes / shared_bytes:.2f}x |",
-    ]
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "bench_sampler.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out, "bench_sampler.json"), "w") as f:
-        json.dump({"seconds": seconds, "median_s": med, "decode_ms_per_step": step_ms,
-                   "vs_hf": {n: hf_dt / med[n] for n in ("shared", "repeated")},
-                   "flags": {k: getattr(args, k) for k in ("prompts", "group", "prompt_len",
-                                                           "new", "repeats")}}, f, indent=1)
-    print(table)
+    cost = {"shared": prefill_cost(llm, prompts), "repeated": prefill_cost(llm, repeats)}
+    print(bench_sampler_report.write(args.out, seconds, {k: getattr(args, k) for k in (
+        "prompts", "group", "prompt_len", "new", "repeats")}, cost, sys.modules["torch"].__version__))
 
 
 if __name__ == "__main__":
