@@ -42,7 +42,8 @@ def _tokenizer(folder):
 
 
 def measure(records, cfg, tokenizer, pre) -> dict:
-    """Iterate the whole pipeline once; startup = until the first batch, rate over the rest."""
+    """Iterate the whole pipeline once; startup = until the first batch, the rate over the rest
+    until the last batch; drain = from it to the end of the data (grain's workers noticing it)."""
     from lvr_jax.data.dataset import make_iter_dataset
 
     start = time.perf_counter()
@@ -51,15 +52,18 @@ def measure(records, cfg, tokenizer, pre) -> dict:
         first = next(it)
         t_first = time.perf_counter()
         frames = videos = batches = 0
+        t_last = t_first
         for batch in it:
             frames += int(batch["num_frames"].sum())
             videos += len(batch["num_frames"])
             batches += 1
+            t_last = time.perf_counter()
         t_end = time.perf_counter()
     finally:
         it.close()
-    steady = t_end - t_first
-    return dict(workers=cfg.num_workers, startup_s=t_first - start, steady_s=steady, batches=batches,
+    steady = t_last - t_first
+    return dict(workers=cfg.num_workers, startup_s=t_first - start, steady_s=steady,
+                drain_s=t_end - t_last, batches=batches,
                 videos=videos, frames=frames, frames_per_s=frames / steady if steady > 0 else 0.0,
                 videos_per_s=videos / steady if steady > 0 else 0.0,
                 first_batch_frames=int(first["num_frames"].sum()))

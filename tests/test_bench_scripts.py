@@ -60,6 +60,7 @@ def test_bench_data_writes_its_figures(tmp_path):
     for r in rows:       # the first batch is startup; the rest is the steady state
         assert r["batches"] == items // batch - 1 and r["frames"] == r["batches"] * batch * frames
         assert r["frames_per_s"] == pytest.approx(r["frames"] / r["steady_s"], rel=1e-9)
+        assert r["startup_s"] > 0 and r["drain_s"] >= 0
     assert (tmp_path / "bench_data.md").read_text().count("\n| ") == 1 + len(rows)   # header + rows
     assert (tmp_path / "bench_data.png").stat().st_size > 0
     err = run("bench_data.py", f"--out={tmp_path}", "--workers=1,x", ok=False).stderr

@@ -1,5 +1,6 @@
 """What `launch/bench_data.py` writes: the Markdown table, the JSON and the PNG of the data
-pipeline's steady-state frames/s and startup seconds per worker count."""
+pipeline's steady-state frames/s and startup seconds per worker count (and the drain: from the
+last batch to the end of the data, grain's workers noticing it)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ def table(rows, args: dict) -> str:
             f"({args['video_frames']}-frame {args['video_size']}px H.264 videos), SigLIP "
             f"preprocessing to {args['image_size']}px, batch {args['batch_size']}; "
             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).\n\n")
-    lines = ["| workers | videos | frames | steady s | frames/s | videos/s | startup s |",
-             "|--------:|-------:|-------:|---------:|---------:|---------:|----------:|"]
+    lines = ["| workers | videos | frames | steady s | frames/s | videos/s | startup s | drain s |",
+             "|--------:|-------:|-------:|---------:|---------:|---------:|----------:|--------:|"]
     for r in rows:
         lines.append(f"| {r['workers']} | {r['videos']} | {r['frames']} | {r['steady_s']:.2f} | "
-                     f"{r['frames_per_s']:.0f} | {r['videos_per_s']:.1f} | {r['startup_s']:.2f} |")
+                     f"{r['frames_per_s']:.0f} | {r['videos_per_s']:.1f} | {r['startup_s']:.2f} | "
+                     f"{r['drain_s']:.2f} |")
     return head + "\n".join(lines) + "\n"
 
 
