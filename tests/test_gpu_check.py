@@ -1,23 +1,33 @@
 """The GPU check's CPU smoke run (same code paths, toy sizes) and the GPU launch settings."""
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
 from lvr_jax import cli
+from lvr_jax.eval import gpu_check_report
 from lvr_jax.eval.gpu_check import loop_writes, qwen2_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_cpu_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """launch/gpu_check.py --cpu-smoke: (its folder, gpu_check.json)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_check.py"), "--cpu-smoke",
                           f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    got = json.loads((tmp_path / "gpu_check.json").read_text())
+    return tmp_path, json.loads((tmp_path / "gpu_check.json").read_text())
+
+
+def test_gpu_check_cpu_smoke(smoke):
+    tmp_path, got = smoke
     assert got["device"]["backend"] == "cpu"
     for section in ("sub_block", "prefill", "decode", "grpo"):
         assert "error" not in got[section], got[section]
@@ -34,6 +44,35 @@ def test_gpu_check_cpu_smoke(tmp_path):
     # scan's dynamic slice); on a GPU the same count says whether its gemms read them in place
     assert got["decode"]["prefix_copies_in_loop"] >= 2, got["decode"]
     assert set(got["grpo"]["timed"]) == {"encode", "prompts", "rollout", "reference", "update"}
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report == gpu_check_report.table(got)
+    assert report.count("| not judged (cpu smoke run) |") == len(gpu_check_report.GOALS)
+
+
+def test_report_judges_the_goals_on_a_gpu_only(smoke):
+    """The goals' verdicts on a GPU result: at or past the limit is met, either way round; a
+    failed section, or a device without peak figures, is reported as such, not judged."""
+    got = copy.deepcopy(smoke[1])
+    got["device"].update(backend="gpu", device_kind="NVIDIA H200", cudnn=91000)
+    got["sub_block"]["ring_fused_speedup_forward_backward"] = 3.0
+    got["prefill"]["mfu"] = 0.4999
+    got["decode"]["vs_hbm_read"] = 2.0
+    verdicts = [gpu_check_report.judge(got, g)[1] for g in gpu_check_report.GOALS]
+    assert verdicts == ["met", "not met", "met"]
+    got["decode"]["vs_hbm_read"] = 2.01
+    assert gpu_check_report.judge(got, gpu_check_report.GOALS[2]) == (2.01, "not met")
+    report = gpu_check_report.table(got)
+    assert "| >= 50% | 50.0% | not met |" in report and "cuDNN 91000" in report
+    got["decode"] = {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+    got["prefill"]["mfu"] = None
+    got["device"]["device_kind"] = "NVIDIA L4"
+    verdicts = [gpu_check_report.judge(got, g)[1] for g in gpu_check_report.GOALS]
+    assert verdicts == ["met", "not judged (no peak figures for NVIDIA L4)",
+                        "failed (XlaRuntimeError)"]
+    report = gpu_check_report.table(got)
+    assert "decode: **failed**, XlaRuntimeError: RESOURCE_EXHAUSTED" in report
+    del got["grpo"]
+    assert "grpo: not run" in gpu_check_report.table(got)
 
 
 def test_qwen2_flops_formula():
@@ -98,3 +137,21 @@ ENTRY %main (a: f32[3,2,8,4]) -> f32[2,8,4] {
     assert loop_writes(hlo, jnp.float32, (2, 8, 4)) == 2
     assert loop_writes(hlo, jnp.bfloat16, (1, 2, 8, 4)) == 1
     assert loop_writes(hlo, jnp.float32, (2, 8, 5)) == 0
+
+
+def test_a_run_cut_short_keeps_the_sections_it_measured(smoke, tmp_path, monkeypatch):
+    """The JSON and the report are written after each section: a section interrupted (the
+    device's time limit, Ctrl-C) leaves the earlier ones on disk."""
+    from lvr_jax.eval import gpu_check
+
+    def cut(sizes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"sub_block": lambda sizes: smoke[1]["sub_block"],
+                                                "prefill": cut})
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_checks(gpu_check.CPU_SMOKE, tmp_path, ("sub_block", "prefill"),
+                             log=lambda m: None)
+    kept = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert kept["sub_block"] == smoke[1]["sub_block"] and "prefill" not in kept
+    assert "prefill: not run" in (tmp_path / "gpu_check.md").read_text()

@@ -333,9 +333,14 @@ SECTIONS = {"sub_block": sub_block, "prefill": prefill, "decode": decode, "grpo"
 
 
 def run_checks(sizes: Sizes, out: str | Path, sections=tuple(SECTIONS), log=print) -> dict:
-    """Every section asked for; `<out>/gpu_check.json` holds the results (errors included)."""
+    """Every section asked for; `<out>/gpu_check.json` holds the results (errors included) and
+    `<out>/gpu_check.md` their report, both rewritten after each section (a run cut short keeps
+    what it measured)."""
+    from lvr_jax.eval.gpu_check_report import table
+
     result = {"device": device_info(), "sizes": dataclasses.asdict(sizes)}
     log(f"[gpu_check] {result['device']}")
+    Path(out).mkdir(parents=True, exist_ok=True)
     for name in sections:
         t0 = time.perf_counter()
         try:
@@ -345,6 +350,6 @@ def run_checks(sizes: Sizes, out: str | Path, sections=tuple(SECTIONS), log=prin
                             "traceback": traceback.format_exc()[-2000:]}
         log(f"[gpu_check] {name} ({time.perf_counter() - t0:.0f}s): "
             f"{json.dumps({k: v for k, v in result[name].items() if k != 'traceback'})}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        (Path(out) / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        (Path(out) / "gpu_check.md").write_text(table(result))
     return result
