@@ -348,7 +348,8 @@ def run_checks(sizes: Sizes, out: str | Path, sections=tuple(SECTIONS), log=prin
         except Exception as e:  # noqa: BLE001 - one failing section must not cost the others
             result[name] = {"error": f"{type(e).__name__}: {e}",
                             "traceback": traceback.format_exc()[-2000:]}
-        log(f"[gpu_check] {name} ({time.perf_counter() - t0:.0f}s): "
+        result[name]["section_s"] = time.perf_counter() - t0   # compiles included
+        log(f"[gpu_check] {name} ({result[name]['section_s']:.0f}s): "
             f"{json.dumps({k: v for k, v in result[name].items() if k != 'traceback'})}")
         (Path(out) / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
         (Path(out) / "gpu_check.md").write_text(table(result))

@@ -113,4 +113,7 @@ def table(result: dict) -> str:
                 "| " + " | ".join(f"{g['timed'][p]:.3g} s" for p in phases) + " |", ""]
     else:
         out += [msg, ""]
+    ran = [n for n in ("sub_block", "prefill", "decode", "grpo") if n in result]
+    out += ["Wall seconds per section, compiles included: "
+            + ", ".join(f"{n} {result[n].get('section_s', 0):.0f}" for n in ran) + ".", ""]
     return "\n".join(out)
