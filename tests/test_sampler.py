@@ -122,6 +122,14 @@ def test_eos_and_stop_sequences_end_only_their_branch(vlm, prompts):
         np.testing.assert_array_equal(t2[r, :want_len], toks[r, :want_len])
         assert (t2[r, want_len:] == 0).all() and (lp2[r, want_len:] == 0).all()
     assert (l2 == T).any() and (l2 < T).any()           # one branch stopped, others went on
+    # every branch stopped by step 2: the loop ends early, and the steps it never ran hold the
+    # pad id (not 0) and log-prob 0, as the ones it ran after a branch stopped do
+    early = sorted({int(t) for t in toks[:, 1]})
+    t4, lp4, l4 = Sampler(vlm, eos_ids=early, pad_id=5).generate(prompts, **kw)
+    assert (l4 <= 2).all()
+    for r in range(6):
+        np.testing.assert_array_equal(t4[r, :l4[r]], toks[r, :l4[r]])
+        assert (t4[r, l4[r]:] == 5).all() and (lp4[r, l4[r]:] == 0).all()
     stop = [int(toks[1, 1]), int(toks[1, 2])]           # a two-token stop sequence of row 1
     _, _, l3 = Sampler(vlm, stop_token_seqs=[stop]).generate(prompts, **kw)
     assert l3[1] <= 3 and l3.max() == T

@@ -135,16 +135,17 @@ def decode(llm, prefix: Prefix, state: DecodeState, row_keys, params: SamplingPa
 
 
 def init_state(prefix: Prefix, params: SamplingParams, cache_dtype,
-               layout: Layout = UNSHARDED) -> DecodeState:
+               layout: Layout = UNSHARDED, pad_id: int = 0) -> DecodeState:
     """The decode loop's start: empty response caches, their branches split as `extend` splits
-    them (the layout's `branches`), and the prefix's first-token logits for every branch."""
+    them (the layout's `branches`), the prefix's first-token logits for every branch, and tokens
+    all `pad_id` (what the steps a loop that stops early never runs must hold)."""
     layers, b, d = prefix.k.shape[0], prefix.k.shape[1], prefix.k.shape[-1]
     g, t = params.num_samples, params.max_new_tokens
     cache = layout.constrain(jnp.zeros((layers, b, g, prefix.kv_heads, t, d), cache_dtype),
                              (None, "batch", "branches", None, None, None))
     logits = jnp.broadcast_to(prefix.logits[:, None], (b, g, prefix.logits.shape[-1]))
     return DecodeState(step=jnp.zeros((), jnp.int32), k=cache, v=cache,
-                       tokens=jnp.zeros((b, g, t), jnp.int32),
+                       tokens=jnp.full((b, g, t), pad_id, jnp.int32),
                        logprobs=jnp.zeros((b, g, t), jnp.float32), done=jnp.zeros((b, g), bool),
                        lengths=jnp.zeros((b, g), jnp.int32), logits=logits)
 
@@ -222,7 +223,7 @@ class Sampler:
             self._fns[params] = (jax.jit(run_prefill),
                                  jax.jit(functools.partial(init_state, params=params,
                                                            cache_dtype=self.llm.cfg.dtype,
-                                                           layout=layout)),
+                                                           layout=layout, pad_id=self.pad_id)),
                                  jax.jit(run_decode, donate_argnums=(2,)))
         return self._fns[params]
 
