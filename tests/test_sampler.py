@@ -1,6 +1,8 @@
-"""KV-cache sampler vs full-forward recompute, shared prefix vs repeated prompts, EOS / stops."""
+"""KV-cache sampler vs full-forward recompute, shared prefix vs repeated prompts, EOS / stops,
+the logit filters against transformers' warpers."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from configs import tiny
 from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.qwen2 import left_pad
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
-from lvr_jax.rollout.sampler import Sampler
+from lvr_jax.rollout.sampler import Sampler, SamplingParams, filter_logits
 from sharding.mesh import make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
@@ -133,3 +135,40 @@ def test_eos_and_stop_sequences_end_only_their_branch(vlm, prompts):
     stop = [int(toks[1, 1]), int(toks[1, 2])]           # a two-token stop sequence of row 1
     _, _, l3 = Sampler(vlm, stop_token_seqs=[stop]).generate(prompts, **kw)
     assert l3[1] <= 3 and l3.max() == T
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 17, 1.0), (1.0, 40, 0.5),
+                                                     (0.5, 3, 0.999), (1.0, 100, 0.3)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p over the renormalised rest: what transformers'
+    TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper keep (ties at the cut kept;
+    k at or past the vocabulary keeps everything)."""
+    import torch
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    rng = np.random.default_rng(top_k + int(100 * top_p))
+    logits = rng.standard_normal((6, 64)).astype(np.float32) * 3
+    logits[0, :8] = logits[0, 8]                      # ties around the cut
+    got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
+    want = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits))
+    if top_k:
+        want = TopKLogitsWarper(min(top_k, 64))(None, want)
+    if top_p < 1:
+        want = TopPLogitsWarper(top_p)(None, want)
+    want = want.numpy()
+    np.testing.assert_array_equal(np.isfinite(got[1:]), np.isfinite(want[1:]))
+    kept = np.isfinite(want)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6)
+    assert np.isfinite(got[0]).sum() >= np.isfinite(want[0]).sum()   # ties: we keep all of them
+    assert np.isfinite(got).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("bad,message", [(dict(temperature=-0.5), "temperature must be"),
+                                         (dict(temperature=float("nan")), "temperature must be"),
+                                         (dict(top_p=0.0), "top_p must be in (0, 1]"),
+                                         (dict(top_p=1.5), "top_p must be in (0, 1]"),
+                                         (dict(top_k=-1), "top_k must be >= 0")])
+def test_sampling_params_reject_bad_values(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(**bad)

@@ -44,6 +44,13 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
+                             f"{self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
 @struct.dataclass
@@ -74,7 +81,7 @@ def decode_step(llm, prefix: Prefix, state: DecodeState, token, layout: Layout):
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     """Scaled logits with everything outside top-k / the top-p nucleus set to -inf."""
     logits = logits / temperature
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:              # k >= the vocabulary keeps every token
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
