@@ -151,6 +151,20 @@ def test_grpo_loss_without_reference_and_on_policy():
                   loss_agg="sum")
 
 
+def test_beta_zero_reports_the_kl_without_adding_it():
+    """beta = 0 with reference log-probs: the loss is the policy loss alone (and so its gradient),
+    while metrics['kl'] still reports the KL to the reference (it had read 0)."""
+    logp, old, ref, adv, mask = random_inputs(4)
+    fn = jax.jit(jax.value_and_grad(functools.partial(grpo_loss, clip_low=CLIP_LOW,
+                                                      clip_high=CLIP_HIGH, beta=0.0), has_aux=True))
+    (loss, metrics), grad = fn(logp, old, ref, adv, mask)
+    want, want_grad, ex = np_grpo(logp, old, ref, adv, mask, "token-mean", beta=0.0)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())
+    assert ex["kl"] > 0.01
+    np.testing.assert_allclose(float(metrics["kl"]), ex["kl"], rtol=1e-5)
+
+
 # ---- advantages and group filter ---------------------------------------------------------------
 def test_group_advantages_match_numpy_ddof1():
     rng = np.random.default_rng(0)

@@ -5,7 +5,9 @@ ROUGE-L on free-text answers against hand-computed values, the record dicts of a
 import logging
 import math
 import re
+from fractions import Fraction
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,6 +32,12 @@ def raising_reward(replies, records):
 
 def bad_values_reward(replies, records):
     return [1.0, math.nan, 0.5, math.inf, "x", None, True, np.float32(0.25)][:len(replies)]
+
+
+def edge_values_reward(replies, records):
+    """Real numbers float32 cannot hold or float() cannot take, and 0-d bfloat16 / float16."""
+    return [1e39, -1e39, 10 ** 400, Fraction(10 ** 400, 3), jnp.asarray(0.5, jnp.bfloat16),
+            np.asarray(0.25, np.float16), np.asarray(3e38), np.asarray(1e39)][:len(replies)]
 
 
 def dict_reward(replies, records):
@@ -71,6 +79,16 @@ def test_nan_inf_and_non_numbers_cost_only_those_replies(caplog):
             want_fmt = [0.0 if e else format_reward(t, "longrl") for t, e in zip(replies, out["error"])]
             np.testing.assert_array_equal(out["format"], want_fmt)              # the style's rule
     assert sorted(logged_ids(caplog)) == ["p0", "p1", "p2"]   # p3's replies were fine
+
+
+def test_values_float32_cannot_hold_score_zero_and_bf16_counts():
+    """A finite float64 past float32's range would be an infinity in the float32 scores (its
+    group's advantages NaN); 10**400 made float() raise out of the guard. Both are errors now,
+    and a 0-d bfloat16 (dtype kind 'V') is a number."""
+    out = load_reward_fn("tests.test_reward_fns:edge_values_reward")([GOOD] * 8, records_of())
+    np.testing.assert_array_equal(out["error"], [1, 1, 1, 1, 0, 0, 0, 1])
+    np.testing.assert_allclose(out["reward"], [0, 0, 0, 0, 0.5, 0.25, 3e38, 0], rtol=1e-6)
+    assert np.isfinite(out["reward"]).all()
 
 
 def test_dict_results_and_wrong_shapes(caplog):

@@ -112,6 +112,12 @@ ACCURACY_CASES = [
     ("<answer>1/0</answer>", "0", 0.0),
     ("<answer>The Red Car.</answer>", "the red  car", 1.0),
     ("<answer>blue</answer>", "red", 0.0),
+    # an "Answer:"-style prefix of free text is dropped only when a colon or "is" ends it
+    ("<answer>trading</answer>", "Option trading", 0.0),
+    ("<answer>the door</answer>", "Answer the door", 0.0),
+    ("<answer>Option trading</answer>", "option  trading", 1.0),
+    ("<answer>Answer: the red car</answer>", "the red car", 1.0),
+    ("<answer>The answer is the red car</answer>", "The red car.", 1.0),
 ]
 
 
@@ -402,6 +408,10 @@ def test_numbers_and_bytes_as_truth():
     assert accuracy_reward(T + "<answer>2.5</answer>", 2.5) == 1.0
     assert accuracy_reward(b"<answer>B</answer>", b"<answer>B</answer>") == 1.0
     assert accuracy_reward(T + "<answer>B</answer>", None) == 0.0
+    for style in REWARD_STYLES:                      # NumPy numbers too, as their str
+        assert accuracy_reward(T + "<answer>7</answer>", np.int64(7), style=style) == 1.0
+        assert accuracy_reward(T + "<answer>2.5</answer>", np.float32(2.5), style=style) == 1.0
+        assert accuracy_reward(T + "<answer>1</answer>", np.bool_(True), style=style) == 0.0
 
 
 @pytest.mark.parametrize("style", REWARD_STYLES)

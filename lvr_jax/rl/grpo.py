@@ -199,13 +199,14 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logprobs:
         pg = jnp.where(dual, cap, pg)
     policy_loss = aggregate(pg, mask, loss_agg)
 
-    if ref_logprobs is None or beta == 0.0:
+    if ref_logprobs is None:
         kl_mean = jnp.zeros((), jnp.float32)
         loss = policy_loss
     else:
         ref = jax.lax.stop_gradient(ref_logprobs.astype(jnp.float32))
         kl_mean = aggregate(k3_kl(logprobs, ref, kl_clip), mask, loss_agg)
-        loss = policy_loss + beta * kl_mean
+        # beta = 0: the KL is still reported (a metric), not part of the loss
+        loss = policy_loss + beta * kl_mean if beta else policy_loss
 
     low = took_clipped & (adv < 0) & (ratio < 1.0 - clip_low)
     high = took_clipped & (adv > 0) & (ratio > 1.0 + clip_high)

@@ -29,8 +29,9 @@ function it returns is used; the built-ins are factories, so they follow the con
 weights (called directly they use the defaults).
 
 `SafeReward` runs the function: when it raises or returns something of the wrong shape, every
-reply of the batch scores 0; a reply with a NaN, an infinity or a non-number in any of its
-values scores 0 (reward, accuracy and format). Those replies are flagged in "error"; each
+reply of the batch scores 0; a reply with a NaN, an infinity, a number past float32's range
+(the scores' dtype) or a non-number in any of its values scores 0 (reward, accuracy and format);
+0-d NumPy / JAX numbers of any real dtype (bfloat16 included) count as numbers. Those replies are flagged in "error"; each
 failing record's problem_id is logged once per `SafeReward` (one per run), with the reason.
 
 Built-ins: `style` (the `rl.reward_style` rule, exactly `rewards.batch_rewards`) and `free_text`
@@ -50,6 +51,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from lvr_jax.data import prompts
@@ -199,15 +201,30 @@ class _BadOutput(Exception):
     """The function's return value as a whole is unusable."""
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _real_scalar(v: Any) -> bool:
+    """A 0-d array (NumPy, JAX) of a bool, integer or real floating dtype (bfloat16 included)."""
+    dtype = getattr(v, "dtype", None)
+    if getattr(v, "shape", None) != () or dtype is None:
+        return False
+    try:
+        return any(jnp.issubdtype(dtype, t) for t in (jnp.bool_, jnp.integer, jnp.floating))
+    except TypeError:
+        return False
+
+
 def _number(v: Any) -> float | None:
-    """`v` as a finite float, None when it is not a real number or not finite."""
-    if isinstance(v, numbers.Real):
-        f = float(v)
-    elif getattr(v, "shape", None) == () and getattr(getattr(v, "dtype", None), "kind", "") in "biuf":
-        f = float(v)
-    else:
+    """`v` as a finite float that float32 holds (the scores' dtype), None when it is not a real
+    number, not finite or too large (a float32 infinity would turn its group's advantages NaN)."""
+    if not (isinstance(v, numbers.Real) or _real_scalar(v)):
         return None
-    return f if math.isfinite(f) else None
+    try:
+        f = float(v)
+    except (OverflowError, TypeError, ValueError):    # 10**400, Fraction(10**400, 3)
+        return None
+    return f if math.isfinite(f) and abs(f) <= _F32_MAX else None
 
 
 def _column(values: Any, n: int, key: str) -> list:

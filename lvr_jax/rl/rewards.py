@@ -42,8 +42,9 @@ Style "lenient" (forgiving; every parse linear in the text length, so huge repli
   leading currency sign, a trailing "%" or unit words ("12 km", "3.5 seconds"; the unit is ignored,
   a second number is not allowed) and English number words zero..twenty and the tens ("three",
   "forty"); markdown emphasis, a `\\boxed{}` wrapper and an "Answer:" prefix are dropped first.
-  Otherwise the two strings are compared after lower-casing, collapsing whitespace and
-  dropping a trailing period. An empty ground truth matches nothing.
+  Otherwise the two strings are compared after dropping the same decoration (the prefix only when
+  a colon or "is" ends it: "Option trading" stays as it is), lower-casing, collapsing whitespace
+  and dropping a trailing period. An empty ground truth matches nothing.
 """
 
 from __future__ import annotations
@@ -144,11 +145,16 @@ def _extract_longrl(text: Any) -> str | None:
     return span.strip() if span is not None else s.strip()
 
 
+def _real_number(x: Any) -> bool:
+    """An int or float, Python's or NumPy's (np.int64(7) -> "7"), not a bool."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def _truth_longrl(answer: Any) -> str | None:
     """Long-RL's ground truth from the stored answer (first `<answer>` span when tagged), stripped."""
     s = _as_text(answer)
     if s is None:
-        return str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else None
+        return str(answer) if _real_number(answer) else None
     s = _first_answer_span(s) if ANSWER_OPEN in s else s
     return None if s is None else s.strip()
 
@@ -163,6 +169,11 @@ def _accuracy_longrl(text: Any, answer: Any) -> float:
 
 _PREFIX = re.compile(
     r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)\b(?:\s+is)?\s*[:：]?\s*",
+    re.IGNORECASE,
+)
+# For free text: the prefix only when a colon or "is" ends it ("Option trading" is an answer)
+_TEXT_PREFIX = re.compile(
+    r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)(?:\s+is\b|\s*[:：])\s*",
     re.IGNORECASE,
 )
 # The whole content is one letter, optionally bracketed / followed by a punctuation mark.
@@ -209,12 +220,12 @@ def _last_answer_span(s: str) -> str | None:
     return s[start + len(ANSWER_OPEN):end]
 
 
-def _strip_decoration(s: str) -> str:
+def _strip_decoration(s: str, prefix: re.Pattern = _PREFIX) -> str:
     """Drop markdown emphasis / quotes, a `\\boxed{...}` wrapper and an "Answer:"-style prefix."""
     s = s.strip().strip("*_`'\"").strip()
     if s.startswith("\\boxed{") and s.endswith("}"):
         s = s[len("\\boxed{"):-1].strip()
-    m = _PREFIX.match(s)
+    m = prefix.match(s)
     if m and m.end() < len(s):
         s = s[m.end():].strip().strip("*_`'\"").strip()
     return s
@@ -254,9 +265,7 @@ def _reference_answer(answer: Any) -> str | None:
     """Ground truth as a letter or stripped string; accepts tagged or bare answers."""
     s = _as_text(answer)
     if s is None:
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            return repr(answer)
-        return None
+        return str(answer) if _real_number(answer) else None
     if ANSWER_CLOSE in s:
         return _extract_lenient(s)
     s = s.strip()
@@ -308,7 +317,7 @@ def _accuracy_lenient(text: Any, answer: Any) -> float:
     t_num, p_num = parse_number(truth), parse_number(pred)
     if t_num is not None and p_num is not None:
         return 1.0 if math.isclose(p_num, t_num, rel_tol=NUMERIC_RTOL, abs_tol=NUMERIC_ATOL) else 0.0
-    t_text, p_text = _normalize_text(_strip_decoration(truth)), _normalize_text(_strip_decoration(pred))
+    t_text, p_text = (_normalize_text(_strip_decoration(x, _TEXT_PREFIX)) for x in (truth, pred))
     return 1.0 if t_text and p_text == t_text else 0.0
 
 
