@@ -51,7 +51,7 @@ LONGRL_VIDEO_TEMPLATE = (
     "<answer> the letter of your choice (A, B, C, or D) </answer>.\n\n Question: {question}")
 DEFAULT_TEMPLATE = "longrl"
 
-_ANSWER_RE = re.compile(r"<answer>\s*([A-Za-z])\s*(?:[.)]|</answer>)", re.S)
+_ANSWER_RE = re.compile(r"<answer>\s*\(?([A-Za-z])\)?\s*(?:[.)]|</answer>)", re.S)
 _BARE_LETTER_RE = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.:)]?\s*$")
 _ANSWER_SPAN_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 
@@ -142,7 +142,8 @@ def user_message(question_text: str, *, template: str | PromptTemplate | None = 
 
 
 def answer_letter(answer: str) -> str:
-    """'<answer>B</answer>', '<answer> B </answer>', 'B', '(B)', 'B.' -> 'B'; ValueError otherwise."""
+    """'<answer>B</answer>', '<answer> B </answer>', '<answer>(B)</answer>', 'B', '(B)', 'B.' -> 'B';
+    ValueError otherwise."""
     m = _ANSWER_RE.search(answer) or _BARE_LETTER_RE.match(answer)
     if not m:
         raise ValueError(f"cannot read an option letter from answer {answer!r}")

@@ -12,7 +12,8 @@ normalised into `Record`:
 
 Answers: `Record.answer` is the answer as the reward grades it: as stored for the
 LongVideo-Reason form ("<answer>B</answer>", "<answer>3</answer>", "a red ball"), the option letter
-for the benchmark form when it gives a letter or an index, the text as given otherwise.
+for the benchmark form when it gives a letter, an index or an option's line ("B. red"), the text
+as given otherwise. A NaN answer (JSON `NaN`, a missing value) is a missing answer.
 `Record.letter` is the option letter, or "" for an open-ended answer (a number, free text: anything
 `prompts.answer_letter` cannot read as a letter). A letter must be one of the listed options
 when the question lists them (option lines "A. ...", or `options`); a benchmark question without
@@ -35,6 +36,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -136,6 +138,10 @@ def resolve_video(root, rel: str, source: str = "?", problem_id: str | None = No
     return path
 
 
+# an option's letter with its text, as `format_options` writes options: "B. red", "(B) red", "B: red"
+_LETTER_AND_TEXT = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])[.):])\s+\S")
+
+
 def _answer(raw: Any, letters: list[str], source: str, pid: str | None, *,
             benchmark: bool) -> tuple[str, str]:
     """(answer as the reward grades it, option letter or "") of a record's raw `answer`."""
@@ -144,7 +150,9 @@ def _answer(raw: Any, letters: list[str], source: str, pid: str | None, *,
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise RecordError(source, pid, f"field 'answer' must be a string or a number, got "
                                        f"{type(raw).__name__}")
-    if isinstance(raw, int) and letters:              # an option index
+    if isinstance(raw, float) and not math.isfinite(raw):   # JSON's NaN: a missing value
+        raise RecordError(source, pid, f"missing field 'answer' (it is {raw})")
+    if benchmark and isinstance(raw, int) and letters:      # an option index
         if not 0 <= raw < len(letters):
             raise RecordError(source, pid, f"answer index {raw} out of range")
         return letters[raw], letters[raw]
@@ -153,6 +161,9 @@ def _answer(raw: Any, letters: list[str], source: str, pid: str | None, *,
         letter = prompts.answer_letter(stored)
     except ValueError:
         letter = ""
+        chosen = _LETTER_AND_TEXT.match(stored) if benchmark and letters else None
+        if chosen and (chosen.group(1) or chosen.group(2)) in letters:   # an option's line
+            letter = chosen.group(1) or chosen.group(2)
     if not letter:                                    # open-ended: a number, free text
         if not prompts.answer_text(stored):
             raise RecordError(source, pid, f"answer {stored!r} is empty")

@@ -31,8 +31,9 @@ weights (called directly they use the defaults).
 `SafeReward` runs the function: when it raises or returns something of the wrong shape, every
 reply of the batch scores 0; a reply with a NaN, an infinity, a number past float32's range
 (the scores' dtype) or a non-number in any of its values scores 0 (reward, accuracy and format);
-0-d NumPy / JAX numbers of any real dtype (bfloat16 included) count as numbers. Those replies are flagged in "error"; each
-failing record's problem_id is logged once per `SafeReward` (one per run), with the reason.
+0-d NumPy / JAX numbers of any real dtype (bfloat16 included) count as numbers. Those replies
+are flagged in "error"; each failing record's problem_id is logged once per `SafeReward` (one
+per run), with the reason.
 
 Built-ins: `style` (the `rl.reward_style` rule, exactly `rewards.batch_rewards`) and `free_text`
 (letter and number answers keep the style's rule, free-text answers get ROUGE-L, `rouge_l`).
