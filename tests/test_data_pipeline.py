@@ -360,6 +360,12 @@ def test_bad_videos_skipped_and_counted(tmp_path, records, tokenizer, pre, data_
     # the short video is fine under the reference policy (frames repeat)
     ok, skipped = _run(recs, DataConfig(**{**cfg.__dict__, "short_video": "repeat"}), tokenizer, pre)
     assert skipped == len(bad) - 1
+    # with drop_remainder, good examples left short of a full batch at the end are logged
+    cfg = DataConfig(**{**cfg.__dict__, "drop_remainder": True, "batch_size": 5})
+    with caplog.at_level(logging.WARNING, logger="lvr_jax.data.dataset"):
+        batches, _ = _run(recs, cfg, tokenizer, pre)
+    short = len(records) - 5 * len(batches)
+    assert 0 < short < 5 and f"end of data: {short} good example(s) short of a full batch" in caplog.text
 
 
 def test_skip_gives_up_when_everything_fails(tmp_path, records, tokenizer, pre, data_root):

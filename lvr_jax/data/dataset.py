@@ -17,6 +17,7 @@ frames (`ExampleBuilder`, `collate`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import grain
@@ -25,6 +26,8 @@ import numpy as np
 from lvr_jax.data import feature_store, prompts
 from lvr_jax.data.records import Record, RecordError, SkipLog, check_on_error, resolve_video
 from lvr_jax.data.video import Preprocessor, VideoError, read_frames
+
+log = logging.getLogger(__name__)
 
 MODES = ("rl", "sft")
 
@@ -329,6 +332,9 @@ class BatchIterator(grain.DatasetIterator):
             except StopIteration:
                 if batch and not cfg.drop_remainder:
                     break
+                if batch:      # short of a full batch at the end of the data (skips can cause it)
+                    log.warning("end of data: %d good example(s) short of a full batch of %d "
+                                "dropped (drop_remainder)", len(batch), cfg.batch_size)
                 raise
             if isinstance(ex, Skipped):
                 self.skip_log.add(ex.reason)
