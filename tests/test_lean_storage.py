@@ -25,12 +25,14 @@ def test_bf16_reference_logprobs_within_tolerance_of_float32(vila_dir):
     config = demo.get_config("grpo")
     config.model.logits_chunk = 3
     config.rl.reference_dtype = "bfloat16"
+    config.model.ring_prompt, config.model.prefill_chunks = True, 2
     ref, _, _ = settings.load_model(config, vila_dir, None,
                                     param_dtype=settings.reference_dtype(config))
     full, _, _ = settings.load_model(config, vila_dir, None)
     assert {x.dtype for x in jax.tree.leaves(nnx.state(ref, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(nnx.state(full, nnx.Param))} == {jnp.dtype(jnp.float32)}
     assert ref.llm.cfg.logits_chunk == 3                   # model.logits_chunk reaches the model
+    assert (ref.cfg.ring_prompt, ref.cfg.prefill_chunks) == (True, 2)     # and the prompt layout
     rng = np.random.default_rng(0)
     prompts = [jnp.asarray(rng.integers(0, 200, n)) for n in (9, 14)]
     responses = jnp.asarray(rng.integers(0, 200, (2, 3, 6)))

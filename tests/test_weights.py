@@ -164,6 +164,46 @@ def test_bad_checkpoints_give_clear_errors(vila_dir, tmp_path):
     with pytest.raises(io.CheckpointError, match=r"layers\.4\.bias.*mm_projector"):
         hf.load_vlm(d)
 
+    def extra(folder, key, like):
+        def add(d):
+            f = d / folder / "model.safetensors"
+            t = load_file(str(f))
+            t[key] = t[like]
+            save_file(t, str(f))
+        return add
+    # weights the config does not account for are refused, never dropped: a projector tensor of
+    # another kind, a layer past num_hidden_layers
+    d = _break(vila_dir, tmp_path / "f", extra("mm_projector", "layers.9.weight", "layers.4.weight"))
+    with pytest.raises(io.CheckpointError, match=r"mm_projector.*does not have: \['layers\.9\.weight'\]"):
+        hf.load_vlm(d)
+    d = _break(vila_dir, tmp_path / "g", extra("llm", "model.layers.5.mlp.up_proj.weight",
+                                               "model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(io.CheckpointError, match=r"layers past the config's num_hidden_layers=2"):
+        hf.load_vlm(d)
+
+    def no_field(d):
+        p = d / "llm" / "config.json"
+        p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                                 if k != "intermediate_size"}))
+    d = _break(vila_dir, tmp_path / "h", no_field)
+    with pytest.raises(io.CheckpointError, match=r"llm/config.json: missing field 'intermediate_size'"):
+        hf.load_vlm(d)
+
+
+def test_load_keeps_the_settings_the_weights_do_not_hold(vila_dir, tmp_path):
+    """The vision feature layer written by save_hf comes back; the prompt layout settings reach
+    the loaded config; bf16 weights are written with "torch_dtype": "bfloat16"."""
+    import dataclasses
+
+    model, tok, cfg = hf.load_vlm(vila_dir, ring_prompt=True, prefill_chunks=2)
+    assert (cfg.ring_prompt, cfg.prefill_chunks) == (True, 2) and model.cfg == cfg
+    model.cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, feature_layer=-1))
+    out = hf.save_hf(model, tmp_path / "saved", tokenizer=tok, save_dtype=jnp.bfloat16)
+    _, _, cfg2 = hf.load_vlm(out)
+    assert cfg2.vision.feature_layer == -1 and (cfg2.ring_prompt, cfg2.prefill_chunks) == (False, 1)
+    for part in ("llm", "vision_tower"):
+        assert json.loads((out / part / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
 
 # ---------------------------------------------------------------------------------------------
 # Media tokens that do not fit the embedding: grown as VILA / transformers resize it

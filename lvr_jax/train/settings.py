@@ -43,7 +43,8 @@ def load_model(config, checkpoint, mesh, *, param_dtype=None, **kw):
                        rules=sharding_rules(config),
                        attention=attention_options(mc.get("attention")),
                        vision_chunk=int(mc.get("vision_chunk", 0)),
-                       llm_chunks=llm_chunks(mc), **kw)
+                       llm_chunks=llm_chunks(mc), ring_prompt=bool(mc.get("ring_prompt", False)),
+                       prefill_chunks=int(mc.get("prefill_chunks", 1)), **kw)
 
 
 def data_files(config, split: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+import re
 from pathlib import Path
 
 import jax
@@ -24,100 +24,12 @@ from lvr_jax.models.qwen2 import Qwen2, Qwen2Config
 from lvr_jax.models.siglip import SiglipConfig, SiglipVision
 from lvr_jax.models.vlm import VLM, VLMConfig
 from lvr_jax.weights.io import CheckpointError, TensorDir, read_json, replace_dir, write_tensors
+from lvr_jax.weights.layout import Tensor, projector_tensors, qwen2_tensors, siglip_tensors
 from lvr_jax.weights.tokens import MEDIA_TOKENS, VIDEO_TOKEN
 from sharding.mesh import logical_sharding
 from sharding.multihost import host_array
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    """How one of our params is stored in HF: key (with `{i}` for stacked layers) and layout.
-
-    kind: 'same' (same shape), 'flat' (HF holds it flattened), 'linear' (HF [out, in] weight;
-    our first `n_in` dims are the input), 'conv' (HF [E, C, p, p] conv; ours [p, p, C, E]).
-    rows (loading only): the checkpoint holds just this many rows of HF axis 0 (the vocab of the
-    embedding / lm_head); the missing rows are the mean of those (`grow_rows`).
-    """
-    key: str
-    kind: str = "same"
-    n_in: int = 1
-    rows: int | None = None
-
-    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
-        if self.kind == "flat":
-            return (math.prod(ours),)
-        if self.kind == "linear":
-            return (math.prod(ours[self.n_in:]), math.prod(ours[:self.n_in]))
-        if self.kind == "conv":
-            return (ours[3], ours[2], ours[0], ours[1])
-        return ours
-
-    def to_ours(self, a: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
-        if self.kind == "linear":
-            a = a.T
-        elif self.kind == "conv":
-            a = a.transpose(2, 3, 1, 0)
-        return a.reshape(ours)
-
-    def to_hf(self, a: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return a.reshape(math.prod(a.shape[:self.n_in]), -1).T
-        if self.kind == "conv":
-            return a.transpose(3, 2, 0, 1)
-        return a.reshape(self.hf_shape(a.shape))
-
-
-def qwen2_tensors(cfg: Qwen2Config, prefix: str = "model.") -> dict[tuple, Tensor]:
-    """Our Qwen2 param paths -> HF tensors."""
-    lay = f"{prefix}layers.{{i}}."
-    out = {("embed",): Tensor(f"{prefix}embed_tokens.weight"),
-           ("final_norm",): Tensor(f"{prefix}norm.weight"),
-           ("layers", "input_norm"): Tensor(lay + "input_layernorm.weight"),
-           ("layers", "post_norm"): Tensor(lay + "post_attention_layernorm.weight"),
-           ("layers", "o_kernel"): Tensor(lay + "self_attn.o_proj.weight", "linear", 2)}
-    for n in "qkv":
-        out[("layers", f"{n}_kernel")] = Tensor(lay + f"self_attn.{n}_proj.weight", "linear")
-        out[("layers", f"{n}_bias")] = Tensor(lay + f"self_attn.{n}_proj.bias", "flat")
-    for n in ("gate", "up", "down"):
-        out[("layers", f"{n}_kernel")] = Tensor(lay + f"mlp.{n}_proj.weight", "linear")
-    if not cfg.tie_word_embeddings:
-        out[("lm_head",)] = Tensor("lm_head.weight", "linear")
-    return out
-
-
-def siglip_tensors(prefix: str = "vision_model.") -> dict[tuple, Tensor]:
-    """Our SigLIP param paths -> HF tensors."""
-    lay = f"{prefix}encoder.layers.{{i}}."
-    out = {("patch_kernel",): Tensor(f"{prefix}embeddings.patch_embedding.weight", "conv"),
-           ("patch_bias",): Tensor(f"{prefix}embeddings.patch_embedding.bias"),
-           ("pos_embed",): Tensor(f"{prefix}embeddings.position_embedding.weight"),
-           ("post_ln_scale",): Tensor(f"{prefix}post_layernorm.weight"),
-           ("post_ln_bias",): Tensor(f"{prefix}post_layernorm.bias"),
-           ("layers", "o_kernel"): Tensor(lay + "self_attn.out_proj.weight", "linear", 2),
-           ("layers", "o_bias"): Tensor(lay + "self_attn.out_proj.bias")}
-    for n in "qkv":
-        out[("layers", f"{n}_kernel")] = Tensor(lay + f"self_attn.{n}_proj.weight", "linear")
-        out[("layers", f"{n}_bias")] = Tensor(lay + f"self_attn.{n}_proj.bias", "flat")
-    for i in "12":
-        out[("layers", f"ln{i}_scale")] = Tensor(lay + f"layer_norm{i}.weight")
-        out[("layers", f"ln{i}_bias")] = Tensor(lay + f"layer_norm{i}.bias")
-        out[("layers", f"fc{i}_kernel")] = Tensor(lay + f"mlp.fc{i}.weight", "linear")
-        out[("layers", f"fc{i}_bias")] = Tensor(lay + f"mlp.fc{i}.bias")
-    return out
-
-
-def projector_tensors(kind: str, prefix: str = "") -> dict[tuple, Tensor]:
-    """Our projector param paths -> HF `layers.{i}.weight|bias` of the nn.Sequential."""
-    _, layout = projector_dims(kind, 1, 1)
-    out = {}
-    for idx, what, _, _ in layout:
-        w = "scale" if what == "ln" else "kernel"
-        out[(f"layer{idx}_{w}",)] = Tensor(f"{prefix}layers.{idx}.weight",
-                                           "same" if what == "ln" else "linear")
-        out[(f"layer{idx}_bias",)] = Tensor(f"{prefix}layers.{idx}.bias")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +119,10 @@ def _llm_parts(folder: Path, cfg: Qwen2Config, stored_vocab: int | None = None):
             if path in specs:
                 specs[path] = dataclasses.replace(specs[path], rows=stored_vocab)
     skip = [k for k in _unused(src, specs, cfg.num_layers) if k != "lm_head.weight"]
+    extra = [k for k in skip if re.search(r"(^|\.)layers\.\d+\.", k)]
+    if extra:   # layers past num_hidden_layers: the config and the weights disagree
+        raise CheckpointError(f"{folder}: {len(extra)} tensors of layers past the config's "
+                              f"num_hidden_layers={cfg.num_layers}, e.g. {extra[:3]}")
     if skip:
         log.warning("%s: ignoring %d unused tensors, e.g. %s", folder, len(skip), skip[:3])
     return src, specs
@@ -225,19 +141,32 @@ def _vision_parts(folder: Path, cfg: SiglipConfig):
 
 def _projector_parts(folder: Path, kind: str):
     src = TensorDir(folder)
-    return src, projector_tensors(kind, src.find_prefix("layers.1.weight"))
+    specs = projector_tensors(kind, src.find_prefix("layers.1.weight"))
+    extra = _unused(src, specs, 0)
+    if extra:   # another projector than `kind` (every tensor of it is a weight we would drop)
+        raise CheckpointError(f"{folder}: {len(extra)} tensors the {kind!r} projector does not "
+                              f"have: {extra[:5]}")
+    return src, specs
 
 
 def _dtypes(dtype, param_dtype):
     return dict(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or jnp.float32))
 
 
-def _llm_config(folder: Path, **fields) -> Qwen2Config:
-    """Qwen2Config of `folder`/config.json; an unsupported setting is an error naming the file."""
+def _config(folder: Path, from_hf, **fields):
+    """`from_hf` of `folder`/config.json; a missing field or an unsupported setting is an error
+    naming the file."""
     try:
-        return Qwen2Config.from_hf(read_json(folder / "config.json"), **fields)
+        return from_hf(read_json(folder / "config.json"), **fields)
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: missing field {e}") from None
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+
+
+def _llm_config(folder: Path, **fields) -> Qwen2Config:
+    """Qwen2Config of `folder`/config.json (`_config`)."""
+    return _config(folder, Qwen2Config.from_hf, **fields)
 
 
 def load_llm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
@@ -371,7 +300,7 @@ def newline_id(tokenizer) -> int:
 
 def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None, remat=False,
              attention: AttentionOptions | None = None, vision_chunk: int = 0,
-             llm_chunks: dict | None = None):
+             llm_chunks: dict | None = None, ring_prompt: bool = False, prefill_chunks: int = 1):
     """Load a VILA-layout checkpoint folder -> (VLM, tokenizer, VLMConfig).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (default float32). With a mesh,
@@ -383,6 +312,8 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     it (and an untied lm_head) grows to len(tokenizer), new rows the mean of the old ones, and
     the returned config's vocab_size follows (`fit_vocab`; `save_hf` writes the grown size).
     `rope_scaling` linear / dynamic is read into the LLM config; other types are refused.
+    `ring_prompt`, `prefill_chunks`: how prompts are built and prefilled (`VLMConfig`).
+    The vision features' layer is the top config's `mm_vision_select_layer` (default -2).
     """
     path = Path(path)
     top = read_json(path / "config.json")
@@ -395,9 +326,9 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
     attention = attention or AttentionOptions()
     llm_cfg = _llm_config(llm_dir, remat=remat, attention=attention, **(llm_chunks or {}), **dt)
     stored_vocab = llm_cfg.vocab_size
-    vis_cfg = SiglipConfig.from_hf(read_json(vis_dir / "config.json"), remat=remat,
-                                   attention_impl=attention.implementation,
-                                   frame_chunk=vision_chunk, **dt)
+    vis_cfg = _config(vis_dir, SiglipConfig.from_hf, remat=remat,
+                      attention_impl=attention.implementation, frame_chunk=vision_chunk,
+                      feature_layer=int(top.get("mm_vision_select_layer", -2)), **dt)
     kind = projector_type(path)
     tok = None
     if has_tokenizer(llm_dir):
@@ -407,7 +338,8 @@ def load_vlm(path, *, mesh=None, dtype=jnp.float32, param_dtype=None, rules=None
         log.warning("%s has no tokenizer; using token ids from config.json", llm_dir)
     video_id = tok.convert_tokens_to_ids(VIDEO_TOKEN) if tok else top.get("video_token_id", -1)
     nl_id = newline_id(tok) if tok else top.get("newline_token_id", 198)
-    cfg = VLMConfig(llm_cfg, vis_cfg, kind, video_token_id=int(video_id), newline_token_id=nl_id)
+    cfg = VLMConfig(llm_cfg, vis_cfg, kind, video_token_id=int(video_id), newline_token_id=nl_id,
+                    ring_prompt=ring_prompt, prefill_chunks=prefill_chunks)
     model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
     parts = [(("llm",), *_llm_parts(llm_dir, llm_cfg, stored_vocab)),
              (("vision",), *_vision_parts(vis_dir, vis_cfg)),
@@ -449,6 +381,8 @@ def save_hf(model: VLM, path, *, tokenizer=None, overwrite: bool = False, save_d
     """
     cfg: VLMConfig = model.cfg
     llm_hf, vis_hf = cfg.llm.to_hf(), cfg.vision.to_hf()
+    for hf_cfg, part in ((llm_hf, cfg.llm), (vis_hf, cfg.vision)):   # the dtype written
+        hf_cfg["torch_dtype"] = jnp.dtype(save_dtype or part.param_dtype).name
     proj_hf = {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"],
                "mm_projector_type": cfg.projector_type}
     top = {"model_type": "vila", "architectures": ["LlavaLlamaModel"], "llm_cfg": llm_hf,
