@@ -180,6 +180,10 @@ def test_bad_checkpoints_give_clear_errors(vila_dir, tmp_path):
                                                "model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(io.CheckpointError, match=r"layers past the config's num_hidden_layers=2"):
         hf.load_vlm(d)
+    # an unused buffer of a layer the config has (transformers 4.3x saved rotary inv_freq) loads
+    d = _break(vila_dir, tmp_path / "i", extra("llm", "model.layers.1.self_attn.rotary_emb.inv_freq",
+                                               "model.norm.weight"))
+    hf.load_vlm(d)
 
     def no_field(d):
         p = d / "llm" / "config.json"

@@ -119,7 +119,8 @@ def _llm_parts(folder: Path, cfg: Qwen2Config, stored_vocab: int | None = None):
             if path in specs:
                 specs[path] = dataclasses.replace(specs[path], rows=stored_vocab)
     skip = [k for k in _unused(src, specs, cfg.num_layers) if k != "lm_head.weight"]
-    extra = [k for k in skip if re.search(r"(^|\.)layers\.\d+\.", k)]
+    extra = [k for k in skip if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", k))
+             and int(m.group(1)) >= cfg.num_layers]    # (not e.g. old rotary_emb.inv_freq)
     if extra:   # layers past num_hidden_layers: the config and the weights disagree
         raise CheckpointError(f"{folder}: {len(extra)} tensors of layers past the config's "
                               f"num_hidden_layers={cfg.num_layers}, e.g. {extra[:3]}")
