@@ -77,3 +77,35 @@ def test_empty_and_bad_style():
     assert "| **all** | 0 | 0.000 | 0.000 |" in report_markdown(res)
     with pytest.raises(ValueError, match="valid styles"):
         score_replies(["B"], ["B"], ["x"], reward_style="strict")
+
+
+@pytest.mark.parametrize("limit,want", [(3, 3), (0, 0), (11, 11), (None, 16), (40, 16)])
+def test_evaluate_scores_at_most_limit_items(monkeypatch, limit, want):
+    """`limit` is a number of items, not of batches: batches of 8 with limit 3 score 3 items."""
+    import numpy as np
+
+    from lvr_jax.eval import accuracy
+
+    monkeypatch.setattr(accuracy, "encode_batch", lambda model, frames, layout=None: frames)
+    monkeypatch.setattr(accuracy, "make_prompts", lambda model, feats, ids, mask, layout: ids)
+    calls = []
+
+    class Sampler:                                    # every reply answers B, 4 tokens
+        def generate_padded(self, prompt, mask, params):
+            calls.append(prompt.shape[0])
+            return np.zeros((prompt.shape[0], 4), np.int32), None, np.full(prompt.shape[0], 4)
+
+    class Tokenizer:
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["<think>x</think> <answer>B</answer>"] * len(rows)
+
+    def batch(start):
+        return {"frames": np.zeros((8, 1)), "input_ids": np.zeros((8, 3), np.int32),
+                "attention_mask": np.ones((8, 3), np.int32), "answer": ["B", "C"] * 4,
+                "category": ["c"] * 8, "problem_id": [str(i) for i in range(start, start + 8)]}
+
+    done = []
+    got = accuracy.evaluate(None, Tokenizer(), [batch(0), batch(8)], limit=limit, sampler=Sampler(),
+                            on_batch=lambda n, correct: done.append(n))
+    assert got["n"] == want and [i["problem_id"] for i in got["items"]] == [str(i) for i in range(want)]
+    assert len(calls) == -(-want // 8) and done == [min(want, 8 * (k + 1)) for k in range(len(calls))]

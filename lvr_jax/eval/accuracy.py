@@ -95,8 +95,9 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
     (a data shard of (0, 1)) and gets the same result.
 
     `on_batch(items_done, items_correct)` (headline style) is called after each batch; `limit`
-    stops after the batch that reaches it; `sampler` (default: a new one for `model`) lets a
-    caller that evaluates repeatedly (the training loop) reuse the compiled decode. Returns
+    scores at most that many items (the first ones; no batch runs past it); `sampler` (default:
+    a new one for `model`) lets a caller that evaluates repeatedly (the training loop) reuse the
+    compiled decode. Returns
     `summarize`'s dict: {"accuracy", "reward_style", "accuracy_by_style", "format_rate",
     "format_rate_by_style", "n", "per_category": {cat: {"accuracy", "accuracy_by_style", "format_rate",
     "format_rate_by_style", "n"}},
@@ -108,6 +109,8 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     items = []
     for batch in batches:
+        if limit is not None and len(items) >= limit:
+            break
         b = on_mesh(batch, layout)
         feats = encode_batch(model, b["frames"], layout=layout)
         prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout)
@@ -117,8 +120,7 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
         for text, answer, cat, pid in zip(texts, batch["answer"], batch["category"],
                                           batch["problem_id"]):
             items.append(score_item(text, answer, cat, pid, reward_style=reward_style))
+        items = items if limit is None else items[:limit]
         if on_batch is not None:
             on_batch(len(items), sum(i["correct"] for i in items))
-        if limit is not None and len(items) >= limit:
-            break
     return summarize(items, reward_style=reward_style)
