@@ -3,6 +3,7 @@ non-finite updates skipped and counted."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,34 @@ def test_schedule_counts_optimizer_updates_under_gradient_accumulation():
     assert sizes[0] == 0.0 and abs(sizes[2] - 1.0) < 1e-5       # warmup 0 -> peak at update 2
     assert all(a > b for a, b in zip(sizes[2:], sizes[3:]))      # decays every update after
     assert sizes[-1] < 0.05
+
+
+@pytest.mark.parametrize("updates", [1, 10])
+def test_cosine_without_warmup_starts_at_the_full_rate(updates):
+    """warmup_steps = 0: update 0 at lr, then the cosine to final_lr_fraction (the first update
+    had been at rate 0; with one update the run changed nothing)."""
+    optim = ml_collections.ConfigDict(dict(lr=0.5, warmup_steps=0, final_lr_fraction=0.1))
+    sched = train_state.learning_rate(optim, updates)
+    i = np.arange(updates)
+    want = 0.5 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * i / updates)))
+    np.testing.assert_allclose([float(sched(k)) for k in i], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key,bad", [("train.keep_checkpoints", 0), ("train.checkpoint_every", 0),
+                                     ("train.log_every", -1), ("optim.grad_accum_steps", 0),
+                                     ("train.steps", -1), ("optim.warmup_steps", -1)])
+def test_bad_counts_are_refused_naming_the_key(key, bad):
+    """keep_checkpoints = 0 had made orbax keep none (every checkpoint deleted, exit 0);
+    checkpoint_every / log_every = 0 divided by zero after the first step."""
+    from configs import demo
+    from lvr_jax.train import settings
+
+    config = demo.get_config("sft")
+    settings.check_counts(config)
+    section, name = key.split(".")
+    config[section][name] = bad
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} must be an integer >= \d, got {bad}"):
+        settings.check_counts(config)
 
 
 def test_stop_request_is_one_flag_for_any_process_count():

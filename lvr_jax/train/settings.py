@@ -74,6 +74,22 @@ def prompts_per_step(config, mode: str) -> int:
     return prompts
 
 
+# (key, least value): counts the loop divides by or hands to orbax (keep 0 = keep none)
+TRAIN_COUNTS = (("train.steps", 0), ("train.checkpoint_every", 1), ("train.log_every", 1),
+                ("train.keep_checkpoints", 1), ("optim.grad_accum_steps", 1),
+                ("optim.warmup_steps", 0))
+
+
+def check_counts(config) -> None:
+    """A ValueError naming the key when one of `TRAIN_COUNTS` is below its least value (or not
+    an integer), before anything runs."""
+    for key, least in TRAIN_COUNTS:
+        section, name = key.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+
+
 def ppo_minibatches(config) -> int:
     """Optimizer steps per GRPO rollout (`rl.ppo_minibatches`, >= 1)."""
     m = int(config.rl.get("ppo_minibatches", 1))

@@ -39,8 +39,8 @@ SCHEDULES = ("cosine", "constant")
 
 def learning_rate(optim, updates: int) -> optax.Schedule:
     """`optim.schedule` over `updates` optimizer updates: "cosine" = linear warmup over
-    `warmup_steps`, cosine decay to `final_lr_fraction`; "constant" = linear warmup (none for 0),
-    then constant (Long-RL's)."""
+    `warmup_steps` (none for 0: the first update at `lr`), cosine decay to `final_lr_fraction`;
+    "constant" = linear warmup (none for 0), then constant (Long-RL's)."""
     kind = optim.get("schedule", "cosine")
     if kind == "constant":
         if optim.warmup_steps <= 0:
@@ -49,6 +49,9 @@ def learning_rate(optim, updates: int) -> optax.Schedule:
                                      optax.constant_schedule(optim.lr)], [optim.warmup_steps])
     if kind != "cosine":
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
+    if optim.warmup_steps <= 0:      # the first update at the full rate
+        return optax.cosine_decay_schedule(optim.lr, max(updates, 1),
+                                           alpha=optim.final_lr_fraction)
     return optax.warmup_cosine_decay_schedule(
         0.0, optim.lr, max(1, min(optim.warmup_steps, updates - 1)), max(updates, 2),
         end_value=optim.lr * optim.final_lr_fraction)
@@ -152,6 +155,7 @@ class Run:
 
 def setup(config, workdir, *, mode: str) -> Run:
     """Mesh, model (latest checkpoint or init), optimizer, data iterator, checkpointer."""
+    settings.check_counts(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh, layout = settings.mesh_and_layout(config)
