@@ -241,6 +241,12 @@ def test_hf_orbax_hf_round_trip_is_bit_identical(tiny, tmp_path):
         ck.restore(0, params=params, opt_state={"count": jnp.zeros((), jnp.int32)})
     with pytest.raises(convert.ConvertError, match=r"--dst .*orbax exists; pass --overwrite"):
         convert.to_orbax(tiny["ckpt"], orb)
+    # --dst = the checkpoint read (or a folder holding it) is refused even with --overwrite: it
+    # had passed the check (made against --like) and replaced the training run
+    for dst, flag in ((orb, "src"), (tmp_path, "src"), (tiny["other"], "like")):
+        with pytest.raises(convert.ConvertError, match=rf"--dst .* is or holds the --{flag} folder"):
+            convert.to_hf(orb, tiny["other"], dst, overwrite=True)
+    assert (orb / "0" / ckpt_lib.COMMIT_FILE).is_file()
 
 
 def test_training_checkpoint_to_hf_has_its_params(tiny, tmp_path):

@@ -48,14 +48,19 @@ def _vila_folder(path, flag: str) -> Path:
     return path
 
 
-def _check_dst(dst, overwrite: bool, src: Path | None = None) -> Path:
+def _check_dst(dst, overwrite: bool, **inputs: Path) -> Path:
+    """`dst` as a Path; refused when it exists (without `overwrite`), or is or holds one of the
+    `inputs` (flag name -> folder): replacing it would delete what is read."""
     if not dst:
         raise ConvertError("--dst is required")
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"--dst {dst} exists; pass --overwrite to replace it")
-    if src is not None and dst.resolve() == src.resolve():
-        raise ConvertError(f"--dst {dst} is the same folder as --src")
+    out = dst.resolve()
+    for flag, folder in inputs.items():
+        folder = folder.resolve()
+        if out == folder or out in folder.parents:
+            raise ConvertError(f"--dst {dst} is or holds the --{flag} folder {folder}")
     return dst
 
 
@@ -82,7 +87,7 @@ def to_orbax(src, dst, *, overwrite: bool = False, param_dtype: str = "float32",
     from lvr_jax.weights import hf
 
     src = _vila_folder(src, "--src")
-    dst = _check_dst(dst, overwrite, src)
+    dst = _check_dst(dst, overwrite, src=src)
     model, _, _ = hf.load_vlm(src, param_dtype=jnp.dtype(param_dtype))
     out = save_params(dst, nnx.state(model, nnx.Param), step=step, overwrite=overwrite,
                       extra={"converted_from": str(src.absolute()), "params_only": True})
@@ -102,7 +107,7 @@ def to_hf(src, like, dst, *, step: int | None = None, overwrite: bool = False,
 
     like = _vila_folder(like, "--like")
     ckdir = checkpoint_dir(src)
-    dst = _check_dst(dst, overwrite, like)
+    dst = _check_dst(dst, overwrite, src=Path(src), like=like)
     model, tok, _ = hf.load_vlm(like)
     if tok is None:
         log.warning("%s has no tokenizer in llm/; %s is written without one", like, dst)
