@@ -168,3 +168,57 @@ def test_stop_request_is_one_flag_for_any_process_count():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert {s: signal.getsignal(s) for s in StopRequest.SIGNALS} == before
+
+
+def _toy_run(workdir, config):
+    """A Run of the real loop, checkpointer and metrics around a 2x2 linear model (no data
+    pipeline): what the loop's bookkeeping needs and no more."""
+    from flax import nnx
+
+    from lvr_jax.train.checkpoint import Checkpointer
+    from lvr_jax.train.metrics import MetricsWriter
+
+    class Batches:
+        def __next__(self):
+            return {}
+
+        def get_state(self):
+            return {}
+
+        def set_state(self, state):
+            pass
+
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, train_state.make_optimizer(config.optim, config.train.steps),
+                        wrt=nnx.Param)
+    run = train_state.Run(config, Path(workdir), None, model, None, opt,
+                          Checkpointer(Path(workdir) / "checkpoints", max_to_keep=2),
+                          MetricsWriter(str(workdir)), None, Batches(), 0, jax.random.key(0))
+    train_state.restore(run)
+    return run
+
+
+def test_a_profile_window_past_the_last_step_is_written_and_stopped(tmp_path):
+    """The trace is stopped when the loop ends inside the window (it was never written, and the
+    profiler kept running, so the next stage's loop in the same process failed)."""
+    from configs import demo
+    from lvr_jax.train.loop import loop
+
+    config = demo.get_config("sft")
+    config.train.update(steps=3, checkpoint_every=2, log_every=1)
+    config.profile.update(start_step=1, num_steps=5)
+
+    @jax.jit
+    def update(params, x):
+        return jax.tree.map(lambda p: p - 0.1 * x, params)
+
+    def step_fn(run, batch):
+        from flax import nnx
+        nnx.update(run.model, update(nnx.state(run.model, nnx.Param), 1.0))
+        return {"loss": jnp.zeros(())}
+
+    for stage in ("a", "b"):                          # two stages, as demo.py runs SFT then GRPO
+        run = _toy_run(tmp_path / stage, config)
+        loop(run, step_fn, what=stage)
+        run.ckpt.close()
+        assert list((tmp_path / stage / "trace").rglob("*.xplane.pb")), stage

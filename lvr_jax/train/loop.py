@@ -77,6 +77,14 @@ def trace_dir(run: Run) -> Path:
     return base / f"process_{jax.process_index()}" if jax.process_count() > 1 else base
 
 
+def _stop_trace(run: Run, start: int) -> bool:
+    """End the XLA trace (written then); returns False (not tracing any more)."""
+    jax.profiler.stop_trace()
+    say(f"[train] XLA trace (xplane + perfetto) of steps {start}..{run.step - 1} in "
+        f"{trace_dir(run)}")
+    return False
+
+
 def loop(run: Run, step_fn, *, what: str) -> list[dict]:
     """Run `step_fn(run, batch) -> metrics` until train.steps; validate, checkpoint, log,
     profile."""
@@ -88,11 +96,13 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
     first, t_start = run.step, time.perf_counter()
     say(f"[{what}] steps {run.step}..{total}: checkpoints every {cfg.train.checkpoint_every} in "
         f"{run.ckpt.directory}, metrics in {run.writer.path}")
+    tracing = False
     with StopRequest() as stop:
         try:
             while run.step < total:
                 if prof.num_steps and run.step == prof.start_step:
                     jax.profiler.start_trace(str(trace_dir(run)), create_perfetto_trace=True)
+                    tracing = True
                 batch = next(run.data_iter)
                 t0 = time.perf_counter()
                 with jax.profiler.StepTraceAnnotation(what, step_num=run.step):
@@ -106,10 +116,8 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
                 if validator is not None and validator.due(run.step, total):
                     metrics.update(validator(run))
                 rows.append(run.writer.write(run.step, metrics))
-                if prof.num_steps and run.step == prof.start_step + prof.num_steps:
-                    jax.profiler.stop_trace()
-                    say(f"[train] XLA trace (xplane + perfetto) of steps {prof.start_step}.."
-                        f"{run.step - 1} in {trace_dir(run)}")
+                if tracing and run.step == prof.start_step + prof.num_steps:
+                    tracing = _stop_trace(run, prof.start_step)
                 if run.step % cfg.train.log_every == 0 or run.step == total:
                     shown = {k: v for k, v in rows[-1].items() if isinstance(v, float)}
                     progress = eta(run.step, total, time.perf_counter() - t_start, start=first)
@@ -124,6 +132,8 @@ def loop(run: Run, step_fn, *, what: str) -> list[dict]:
                         f"{run.ckpt.directory}")
                     raise SystemExit(0)
         finally:
+            if tracing:   # the window ran past the last step, or a signal / error ended it
+                _stop_trace(run, prof.start_step)
             run.ckpt.wait_until_finished()
             if validator is not None:
                 validator.close()
