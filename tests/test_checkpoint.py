@@ -131,3 +131,15 @@ def test_latest_complete_wins_over_partial(tmp_path):
         ck.wait_until_finished()
         assert ck.all_steps() == [2, 8]
         assert ck.restore_latest(params=params, opt_state=opt_state).data_state == {"i": 8}
+    # resumed from 2 again with an incomplete 8 left: the saves before 8 happen (orbax had
+    # skipped every step up to its latest folder, so a kill before 8 lost that work); the
+    # interrupted save's tmp folder is cleaned up when the checkpointer opens the directory
+    shutil.copytree(root / "2", root / "6.orbax-checkpoint-tmp-1712345679")
+    shutil.rmtree(root / "8" / "opt_state")
+    (root / "8" / COMMIT_FILE).unlink()
+    with Checkpointer(root, max_to_keep=5) as ck:
+        assert ck.latest_step() == 2
+        assert ck.save(4, params=params, opt_state=opt_state, data_state={"i": 4})
+        ck.wait_until_finished()
+        assert ck.all_steps() == [2, 4]
+    assert sorted(p.name for p in root.iterdir()) == ["2", "4"]

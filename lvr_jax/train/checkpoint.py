@@ -147,7 +147,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)   # a save killed mid-write leaves a tmp folder
         handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS[:3]}
         handlers["meta"] = ocp.JsonCheckpointHandler()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -181,12 +182,22 @@ class Checkpointer:
         `opt_state=None` (and `rng=None`) leave that item out: a params-only checkpoint.
 
         Skipped (False) when `step` is not a multiple of `save_interval_steps` (unless force) or
-        is already saved completely; an incomplete directory for `step` is deleted and rewritten.
+        is already saved completely; an incomplete directory for `step`, or for a later step (a
+        run killed mid-save, resumed from an earlier one: orbax would skip every save up to it),
+        is deleted and rewritten.
         `data_state` and `extra` must be JSON-serialisable (checked here, before anything is
         written). The write is asynchronous unless the manager was made with
         async_save=False; call `wait_until_finished` before reading the files.
         """
         step = int(step)
+        later = [s for s in self._manager.all_steps() if s > step]
+        if later:
+            self._manager.wait_until_finished()
+            for s in later:
+                if not self._is_complete(s):
+                    log.warning("deleting incomplete checkpoint step %d in %s (after step %d)",
+                                s, self.directory, step)
+                    self._manager.delete(s)
         if step in self._manager.all_steps():
             self._manager.wait_until_finished()      # it may be our own save, still in flight
             if self._is_complete(step):
