@@ -70,8 +70,8 @@ def test_validation_metrics_every_n_steps_and_at_the_end(sft_run):
     assert best["val_accuracy"] == top
     assert best["step"] == next(r["step"] for r in validated if r["val_accuracy"] == top)  # tie: first
     assert best["val_n"] == NUM and best["reward_style"] == "longrl"
-    assert (Path(best["checkpoint"]) / COMMIT_FILE).is_file()
-    assert Path(best["checkpoint"]).parent == workdir / "best"
+    assert (workdir / best["checkpoint"] / COMMIT_FILE).is_file()
+    assert Path(best["checkpoint"]).parent == Path("best")          # relative to the workdir
     assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()] == [
         Path(best["checkpoint"]).name]
 
@@ -105,10 +105,26 @@ def test_best_checkpoint_survives_a_restart_and_keeps_one(tmp_path):
     np.testing.assert_array_equal(jax.device_get(got.params["w"]), [1.0, 2.0, 3.0])
     assert got.extra == {"train_step": 12, "val_accuracy": 0.75}
 
-    # a best.json naming a checkpoint that is not there is not trusted
-    (tmp_path / BEST_FILE).write_text(json.dumps({**record, "checkpoint": str(tmp_path / "gone")}))
+    # a best.json naming a checkpoint that is not there (a kill after best/3 was committed and
+    # best/2 deleted, before best.json named 3), or no best.json at all: the latest complete
+    # best/<k> is read back from its own metadata, so a worse later result cannot replace it
+    for broken in ({**record, "checkpoint": "best/1"}, None):
+        if broken is None:
+            (tmp_path / BEST_FILE).unlink()
+        else:
+            (tmp_path / BEST_FILE).write_text(json.dumps(broken))
+        best = BestCheckpoint(tmp_path)
+        assert (best.record["step"], best.accuracy, best.record["checkpoint"]) == (12, 0.75, "best/2")
+        assert not best.offer(15, result(0.5), params)
+        best.close()
+    # the workdir moved: best.json's relative path still names the checkpoint
     best = BestCheckpoint(tmp_path)
-    assert best.record is None
+    assert best.offer(18, result(0.8), params)
+    best.close()
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    tmp_path.rename(moved)
+    best = BestCheckpoint(moved)
+    assert (best.record["step"], best.record["reward_style"]) == (18, "longrl")   # best.json's
     best.close()
 
 

@@ -309,6 +309,12 @@ class Checkpointer:
             raise CheckpointError(f"cannot restore '{name}' of checkpoint step {step} in "
                                   f"{self.directory} into the given target: " + "; ".join(parts))
 
+    def meta(self, step: int) -> dict:
+        """The JSON item of complete step `step`: {"step", "data_state", "extra", ...}."""
+        if step not in self.all_steps():
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}")
+        return self._restore_item(step, "meta", ocp.args.JsonRestore())
+
     def _restore_item(self, step: int, name: str, args: Any) -> Any:
         """orbax restore of one item, with errors that name the step, item and directory."""
         try:

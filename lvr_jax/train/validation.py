@@ -24,7 +24,9 @@ Best checkpoint (`BestCheckpoint`): a validation whose headline accuracy beats e
 this workdir (strictly: a tie keeps the earlier step) saves the params alone (no optimizer state) as
 an orbax checkpoint `<workdir>/best/<k>/` (k counts the saves; keep 1: the previous best is deleted
 once the new one is committed), then writes `<workdir>/best.json` = {"step", "val_accuracy",
-"reward_style", "val_accuracy_by_style", "val_format_rate", "val_n", "checkpoint"}. A separate
+"reward_style", "val_accuracy_by_style", "val_format_rate", "val_n", "checkpoint"} ("checkpoint"
+relative to the workdir; without a usable best.json the latest complete `best/<k>` is read back
+from its own metadata). A separate
 params checkpoint rather than a protected training checkpoint: the best step need not be a
 `checkpoint_every` step, and the training keep-N stays what it says. Use it with
 `launch/convert_checkpoint.py --to=hf --src=<workdir>/best --like=<init checkpoint> --dst=DIR` or
@@ -120,24 +122,35 @@ class BestCheckpoint:
     """The best validated params of a workdir: `<workdir>/best/<k>/` + `<workdir>/best.json`."""
 
     def __init__(self, workdir):
-        self.path = Path(workdir) / BEST_FILE
-        self.ckpt = Checkpointer(Path(workdir) / BEST_DIR, max_to_keep=1)
+        self.workdir = Path(workdir)
+        self.path = self.workdir / BEST_FILE
+        self.ckpt = Checkpointer(self.workdir / BEST_DIR, max_to_keep=1)
         self.record = self._load()
 
     def _load(self) -> dict | None:
-        if not self.path.exists():
+        """best.json when it names a complete checkpoint (its path relative to the workdir, so
+        a moved workdir keeps it; older files hold it absolute), else what the latest complete
+        `best/<k>` says of itself (a kill between its commit and best.json's rewrite, or a
+        lost best.json)."""
+        if self.path.exists():
+            try:
+                record = json.loads(self.path.read_text())
+                if (self.workdir / record["checkpoint"] / COMMIT_FILE).is_file():
+                    return record
+                log.warning("%s names %s, which is not a complete checkpoint", self.path,
+                            record["checkpoint"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring %s: %s", self.path, e)
+        k = self.ckpt.latest_step()
+        if k is None:
             return None
-        try:
-            record = json.loads(self.path.read_text())
-            complete = (Path(record["checkpoint"]) / COMMIT_FILE).is_file()
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring %s: %s", self.path, e)
+        extra = self.ckpt.meta(k).get("extra", {})
+        if "val_accuracy" not in extra:
             return None
-        if not complete:
-            log.warning("ignoring %s: its checkpoint %s is not complete", self.path,
-                        record["checkpoint"])
-            return None
-        return record
+        log.warning("best params from %s/%d (step %s, val_accuracy %s)", BEST_DIR, k,
+                    extra.get("train_step"), extra["val_accuracy"])
+        return {"step": extra.get("train_step"), "val_accuracy": extra["val_accuracy"],
+                "checkpoint": f"{BEST_DIR}/{k}"}
 
     @property
     def accuracy(self) -> float | None:
@@ -156,7 +169,7 @@ class BestCheckpoint:
                        "reward_style": result["reward_style"],
                        "val_accuracy_by_style": result["accuracy_by_style"],
                        "val_format_rate": result["format_rate"], "val_n": int(result["n"]),
-                       "checkpoint": str(self.ckpt.directory / str(k))}
+                       "checkpoint": f"{BEST_DIR}/{k}"}      # relative to the workdir
         if jax.process_index() == 0:
             write_json_atomic(self.path, self.record)
         return True
