@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--window must be >= 1", exitcode=2)
     try:
         print(plot(paths, _OUT.value))
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:   # no known metric; a path that is not a file
         sys.exit(str(e))
     window = _WINDOW.value
     for run, rows in read_runs(paths).items():

@@ -53,10 +53,24 @@ def test_read_runs_keeps_the_last_row_of_each_step(tmp_path):
     write_rows(path, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 9.0},
                       {"step": 2, "loss": 2.5}, {"step": 3, "loss": 1.5}, {"note": "no step"}],
                tail="{torn\n")
-    rows = read_runs([path, tmp_path / "missing" / "metrics.jsonl"])
+    rows = read_runs([path])
     assert list(rows) == ["sft"]
     assert rows["sft"] == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5},
                            {"step": 3, "loss": 1.5}]
+    # a misspelt file is an error naming it (it had been left out of the plot silently)
+    with pytest.raises(FileNotFoundError, match="missing/metrics.jsonl"):
+        read_runs([path, tmp_path / "missing" / "metrics.jsonl"])
+
+
+def test_runs_in_folders_of_the_same_name_stay_apart(tmp_path):
+    """cmp/a/sft and cmp/b/sft are two runs (both had been 'sft': one line, one summary)."""
+    paths = [tmp_path / "cmp" / x / "sft" / "metrics.jsonl" for x in "ab"]
+    for i, p in enumerate(paths):
+        write_rows(p, [{"step": 1, "loss": 9.0 + i}])
+    rows = read_runs(paths)
+    assert rows == {"a/sft": [{"step": 1, "loss": 9.0}], "b/sft": [{"step": 1, "loss": 10.0}]}
+    fig = draw(paths)
+    assert sorted(line.get_label() for line in fig.axes[0].get_lines()) == ["a/sft", "b/sft"]
 
 
 def runs(tmp_path):

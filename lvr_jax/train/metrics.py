@@ -141,11 +141,24 @@ def one_row_per_step(rows: list[dict]) -> list[dict]:
     return [last[s] for s in sorted(last)]
 
 
+def run_names(paths) -> list[str]:
+    """One name per file: its folder, with as many parent folders as make the names differ
+    (runs/a/sft and runs/b/sft -> a/sft, b/sft); the whole path when even that does not."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep)[:-1] for p in paths]
+    for depth in range(1, max(len(q) for q in parts) + 1):
+        names = ["/".join(q[-depth:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [os.fspath(p) for p in paths]
+
+
 def read_runs(paths) -> dict[str, list[dict]]:
-    """{run name (the file's folder): rows, one per step (`one_row_per_step`)} for the files that
-    exist."""
-    return {os.path.basename(os.path.dirname(p)) or os.fspath(p): one_row_per_step(read_metrics(p))
-            for p in paths if os.path.exists(p)}
+    """{run name (`run_names`): rows, one per step (`one_row_per_step`)}; a path that is not a
+    file is a FileNotFoundError naming it (a misspelt run is not left out of the plot)."""
+    missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"no metrics file {missing}")
+    return {name: one_row_per_step(read_metrics(p)) for name, p in zip(run_names(paths), paths)}
 
 
 def curve(rows: list[dict], name: str) -> list[tuple[int, float]]:
