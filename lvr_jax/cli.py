@@ -97,21 +97,26 @@ def _distributed_flags():
 
 
 def distributed_settings(flag_values=None, environ=None) -> dict | None:
-    """Where `jax.distributed.initialize` gets its arguments, in this order:
-    --coordinator_address/--num_processes/--process_id flags; JAX_COORDINATOR / JAX_NUM_PROCESSES
-    / JAX_PROCESS_ID (set by launch/run_local.py); a SLURM job step with more than one task
-    ({} = let JAX read SLURM itself). None: a single process, nothing to initialise."""
+    """Where `jax.distributed.initialize` gets its arguments: each of coordinator address,
+    process count and process id from its flag (--coordinator_address / --num_processes /
+    --process_id), else its environment variable (JAX_COORDINATOR / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, set by launch/run_local.py); with none of them, a SLURM job step with more
+    than one task ({} = let JAX read SLURM itself). A count or id without an address, or an
+    address without both, is a ValueError. None: a single process, nothing to initialise."""
     env = os.environ if environ is None else environ
+    names = (("coordinator_address", COORDINATOR_ENV), ("num_processes", NUM_PROCESSES_ENV),
+             ("process_id", PROCESS_ID_ENV))
     given = {}
-    if flag_values is not None:
-        given = {"coordinator_address": flag_values.coordinator_address,
-                 "num_processes": flag_values.num_processes, "process_id": flag_values.process_id}
-    if given.get("coordinator_address") is None and COORDINATOR_ENV in env:
-        given = {"coordinator_address": env[COORDINATOR_ENV],
-                 "num_processes": int(env.get(NUM_PROCESSES_ENV, "1")),
-                 "process_id": int(env.get(PROCESS_ID_ENV, "0"))}
-    if given.get("coordinator_address") is not None:
-        missing = [k for k in ("num_processes", "process_id") if given.get(k) is None]
+    for key, var in names:
+        value = getattr(flag_values, key, None) if flag_values is not None else None
+        if value is None and env.get(var, "") != "":
+            value = env[var] if key == "coordinator_address" else int(env[var])
+        given[key] = value
+    set_ = [f"--{k} / {v}" for k, v in names if given[k] is not None]
+    if given["coordinator_address"] is None and set_:
+        raise ValueError(f"{set_} set without --coordinator_address / {COORDINATOR_ENV}")
+    if given["coordinator_address"] is not None:
+        missing = [f"--{k} / {v}" for k, v in names[1:] if given[k] is None]
         if missing:
             raise ValueError(f"--coordinator_address is set but {missing} are not")
         n, i = int(given["num_processes"]), int(given["process_id"])
@@ -219,8 +224,13 @@ def process_env(base: dict, *, index: int, count: int, port: int, cpu_devices: i
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
         env["JAX_PLATFORMS"] = "cpu"
         env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * gpus + i) for i in range(gpus))
+    if gpus:   # this process's slice of the GPUs the environment lets us see (all: 0, 1, ..)
+        visible = [g for g in base.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        ids = visible or [str(i) for i in range(count * gpus)]
+        if len(ids) < count * gpus:
+            raise ValueError(f"{count} processes x {gpus} GPUs need {count * gpus} GPUs; "
+                             f"CUDA_VISIBLE_DEVICES={base['CUDA_VISIBLE_DEVICES']!r} has {len(ids)}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[index * gpus:(index + 1) * gpus])
     return env
 
 
@@ -301,7 +311,10 @@ def run(cmd: list[str], *, num_processes: int, cpu_devices: int | None = None,
                 if hung:
                     print(f"[run_local] processes {hung} did not exit; killing them", flush=True)
                     _stop(procs, 0)
-                code = next((c for c in (p.returncode for p in procs) if c and c > 0), 0)
+                # a process we killed for hanging at exit counts as done; any other failure
+                # (a signal included) is the run's
+                code = next((p.returncode for i, p in enumerate(procs)
+                             if i not in hung and p.returncode not in (None, 0)), 0)
                 break
             if timeout_s and time.time() - start > timeout_s:
                 print(f"[run_local] timeout after {timeout_s:.0f}s; stopping", flush=True)

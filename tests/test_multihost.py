@@ -187,6 +187,35 @@ def test_distributed_settings_flags_then_env_then_slurm():
         settings(FakeFlags("f:2", 2, 2), {})
     with pytest.raises(ValueError, match="num_processes"):
         settings(FakeFlags("f:2", None, 0), {})
+    # each value from its flag, else its variable: flags next to run_local's variables win one
+    # by one (the variables had replaced them all); a count without an address is an error
+    assert settings(FakeFlags(None, 4, 3), launched) == {"coordinator_address": "localhost:5",
+                                                         "num_processes": 4, "process_id": 3}
+    with pytest.raises(ValueError, match="without --coordinator_address"):
+        settings(FakeFlags(None, 2, 1), {})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        settings(None, {"JAX_COORDINATOR": "h:1", "JAX_PROCESS_ID": "0"})
+    # GPUs: each process a slice of what CUDA_VISIBLE_DEVICES lets the launcher see
+    slices = [cli.process_env({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, index=i, count=2, port=5,
+                              cpu_devices=None, gpus=2)["CUDA_VISIBLE_DEVICES"] for i in (0, 1)]
+    assert slices == ["4,5", "6,7"]
+    assert cli.process_env({}, index=1, count=2, port=5, cpu_devices=None,
+                           gpus=2)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with pytest.raises(ValueError, match="need 4 GPUs"):
+        cli.process_env({"CUDA_VISIBLE_DEVICES": "4,5"}, index=0, count=2, port=5,
+                        cpu_devices=None, gpus=2)
+
+
+def test_run_local_fails_when_a_process_dies_by_a_signal_after_process_0():
+    """A process killed by a signal (negative return code) after process 0 ended well is a
+    failure; only processes run_local itself kills for hanging count as done."""
+    code = ("import os, signal, time\n"
+            "if os.environ['JAX_PROCESS_ID'] == '1':\n"
+            "    time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, str(LAUNCH / "run_local.py"), "--num_processes=2",
+                          "--grace_s=20", "--", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stdout + out.stderr
 
 
 def test_run_local_stops_the_others_when_one_fails():
