@@ -1,6 +1,7 @@
 """launch/ablate.py: the arms each study trains, their configs, the tables' statistics, and a toy
 run of the frames study end to end (outputs' structure; a rerun trains nothing)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def test_stage_configs_carry_the_arms_seed_frames_and_stage_settings(tmp_path):
     assert grpo.data.train_files == base.data.train_files        # all of train.jsonl's answers
     assert grpo.data.pipeline.max_length == 320 and grpo.train.steps == 9
     assert base.train.seed == 0 and base.data.pipeline.num_frames == 8         # base untouched
+
+
+def test_a_finished_arm_asked_with_other_settings_is_refused(tmp_path):
+    """result.json is reused only for the arm it was trained for (a rerun with other step counts
+    or SFT rate had reported the old arm's accuracy under the new flags)."""
+    arm = ablation.Arm("stages", "sft", 0, 8, (("sft", 400),))
+    done = tmp_path / arm.folder / "result.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps(dict(dataclasses.asdict(arm), sft_lr=1e-3, accuracy=0.9)))
+    base = demo_config.get_config("grpo")
+    assert ablation.run_arm(arm, base, tmp_path, sft_lr=1e-3)["accuracy"] == 0.9
+    for other, lr in ((dataclasses.replace(arm, stages=(("sft", 100),)), 1e-3), (arm, 2e-3)):
+        with pytest.raises(ValueError, match="trained with other settings .*use a new --workdir"):
+            ablation.run_arm(other, base, tmp_path, sft_lr=lr)
 
 
 def result(study, name, seed, accs, frames=8, steps=None, fmt=0.5):

@@ -209,6 +209,15 @@ def test_changed_preprocessing_weights_or_sampling_miss(tiny, tmp_path):
     c.mesh = dict(data=8, fsdp=1, seq=1, tensor=1)
     model, _, _ = settings.load_model(c, c.init_checkpoint, settings.mesh_and_layout(c)[0])
     assert features.tower_id(model.vision) == tiny.tower
+    # ... and whatever its memory settings (model.vision_chunk had made every entry miss),
+    # not whatever layer the features come from
+    vision = model.vision
+    for field, value, same in (("frame_chunk", 1, True), ("remat", True, True),
+                               ("feature_layer", -1, False)):
+        old = vision.cfg
+        vision.cfg = dataclasses.replace(old, **{field: value})
+        assert (features.tower_id(vision) == tiny.tower) == same, field
+        vision.cfg = old
 
 
 def test_corrupt_entries_are_detected_logged_and_recomputed(tiny, tmp_path, caplog):

@@ -137,7 +137,14 @@ def run_arm(arm: Arm, base, work: Path, *, sft_lr: float) -> dict:
     folder = work / arm.folder
     done = folder / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        asked = json.loads(json.dumps(dict(dataclasses.asdict(arm), sft_lr=sft_lr)))
+        differs = {k: (result[k], v) for k, v in asked.items()
+                   if k in result and result[k] != v}
+        if differs:   # (stored, asked): a rerun must train on what its flags ask for
+            raise ValueError(f"{done} was trained with other settings {differs} (stored, "
+                             f"asked); use a new --workdir")
+        return result
     start = str(work / f"init_seed{arm.seed}")
     times_file = folder / "stage_seconds.json"       # a stage's time, kept across reruns
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
@@ -153,7 +160,8 @@ def run_arm(arm: Arm, base, work: Path, *, sft_lr: float) -> dict:
             atomic_write(times_file, json.dumps(times).encode())
         stages.append(dict(stage=stage, steps=steps, accuracy=result["accuracy"], n=result["n"],
                            format_rate=result.get("format_rate"), seconds=times[name]))
-    out = dict(dataclasses.asdict(arm), accuracy=stages[-1]["accuracy"], n=stages[-1]["n"],
+    out = dict(dataclasses.asdict(arm), sft_lr=sft_lr, accuracy=stages[-1]["accuracy"],
+               n=stages[-1]["n"],
                stage_results=stages, seconds=round(sum(s["seconds"] for s in stages), 1))
     atomic_write(done, json.dumps(out, indent=2).encode())
     return out

@@ -2,7 +2,7 @@
 encoded from the frames (and then cached). The cache (`lvr_jax.data.feature_store`) holds the
 frozen SigLIP tower's output only; the projector runs on it every step (it may be trained).
 
-* `tower_id` - the tower's identity: sha256 of its config (remat aside) and of every parameter's
+* `tower_id` - the tower's identity: sha256 of its config (`MEMORY_SETTINGS` aside) and of every parameter's
   path, shape, dtype and bytes, in path order (each parameter gathered to the host in turn);
   plus the features' [N, C] and dtype. Measured on this 2-core CPU machine for SigLIP so400m
   (428M params): 1.1 s in float32 (1.7 GB), 0.6 s in bfloat16, sha256 at 1.7 GB/s; computed
@@ -48,10 +48,16 @@ log = logging.getLogger(__name__)
 FEATURE_AXES = ("batch", "frames")       # logical names of features' / frames' leading dims
 
 
+# the tower's settings that change only memory, not the features (a cache filled under one
+# `model.vision_chunk` serves every other)
+MEMORY_SETTINGS = ("remat", "frame_chunk")
+
+
 def tower_id(vision) -> feature_store.TowerId:
     """The identity of a vision tower (`SiglipVision`): see the module doc."""
     h = hashlib.sha256()
-    cfg = {k: str(v) for k, v in dataclasses.asdict(vision.cfg).items() if k != "remat"}
+    cfg = {k: str(v) for k, v in dataclasses.asdict(vision.cfg).items()
+           if k not in MEMORY_SETTINGS}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(vision, nnx.Param))
     for path, x in sorted(((jax.tree_util.keystr(p), x) for p, x in leaves), key=lambda px: px[0]):
