@@ -208,6 +208,10 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
 
 def train_grpo(config, workdir) -> Run:
     """Stage 2: GRPO with a frozen reference model (the initial policy); returns the run."""
+    if not config.train.freeze_vision:     # the update reads the rollout's features as inputs
+        raise ValueError("train.freeze_vision=False: GRPO trains with the vision tower frozen "
+                         "(its updates take the rollout's video features, so the tower would get "
+                         "no gradient, only weight decay); train it in the SFT stage")
     settings.reward_style(config)          # a bad style is a config error before any work
     dynamic_sampling(config)               # so are bad rl.dynamic_* settings
     check_reward_fn(config)                # and a reward_fn that does not resolve

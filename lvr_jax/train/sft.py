@@ -34,12 +34,14 @@ def sft_step_loss(model, feats, ids, attn, loss_mask, *, layout: Layout = UNSHAR
                    donate_argnames=("model", "optimizer"))
 def sft_update(model, optimizer, frames, ids, attn, loss_mask, layout=UNSHARDED,
                freeze_vision=True):
-    """One optimizer step of CoT-SFT (frames encoded frame-parallel inside)."""
-    feats = model.batch_features(frames, layout)
-    if freeze_vision:
-        feats = jax.lax.stop_gradient(feats)
+    """One optimizer step of CoT-SFT: frames encoded frame-parallel inside the differentiated
+    function, so with `freeze_vision` off the tower gets its gradient (with it on, none flows
+    back through the features)."""
 
     def loss_fn(model):
+        feats = model.batch_features(frames, layout)
+        if freeze_vision:
+            feats = jax.lax.stop_gradient(feats)
         return sft_step_loss(model, feats, ids, attn, loss_mask, layout=layout)
 
     (loss, metrics), grads = nnx.value_and_grad(
