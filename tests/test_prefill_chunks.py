@@ -60,12 +60,15 @@ def natural(a, prompt):
     return out
 
 
-def run(model, case, layout, chunks, ring_prompt, compiled_only=False):
+def run(model, case, layout, chunks, ring_prompt, compiled_only=False, dynamic=False):
     """(prompt, prefix, log-probs) for the case, with the prompt in `chunks` chunks (or the
-    compiled prefill of that prompt)."""
+    compiled prefill of that prompt); `dynamic`: dynamic RoPE (x4) past 8 positions."""
     feats, ids, attn, resp = inputs(model, case)
     m = nnx.merge(*nnx.split(model))
     m.cfg = dataclasses.replace(m.cfg, ring_prompt=ring_prompt, prefill_chunks=chunks)
+    if dynamic:
+        m.llm.cfg = dataclasses.replace(m.llm.cfg, rope_scaling_type="dynamic",
+                                        rope_scaling_factor=4.0, max_position_embeddings=8)
     graphdef, state = nnx.split(m)
     prompt = jax.jit(lambda st: nnx.merge(graphdef, st).prompts(feats, ids, attn, layout,
                                                                 forward_only=True))(state)
@@ -83,14 +86,16 @@ def run(model, case, layout, chunks, ring_prompt, compiled_only=False):
     return (prompt, *forward(state, prompt))
 
 
-@pytest.mark.parametrize("case,ring,chunks,ring_prompt", [
-    ("short", False, 3, False), ("long", True, 3, True), ("short", True, 2, False)])
-def test_chunked_prefill_equals_whole(model, case, ring, chunks, ring_prompt):
+@pytest.mark.parametrize("case,ring,chunks,ring_prompt,dynamic", [
+    ("short", False, 3, False, False), ("long", True, 3, True, False),
+    ("short", True, 2, False, False), ("short", False, 3, False, True)])
+def test_chunked_prefill_equals_whole(model, case, ring, chunks, ring_prompt, dynamic):
     """The same K/V of every real token (in position order), first-token logits and responses'
-    log-probs (which the sampler and the reference pass read from the prefix)."""
+    log-probs (which the sampler and the reference pass read from the prefix); with dynamic
+    RoPE too (every chunk rotates with the whole prompt's length, as the whole prefill does)."""
     layout = layout_of(ring)
-    want = run(model, case, layout, 1, ring_prompt)
-    got = run(model, case, layout, chunks, ring_prompt)
+    want = run(model, case, layout, 1, ring_prompt, dynamic=dynamic)
+    got = run(model, case, layout, chunks, ring_prompt, dynamic=dynamic)
     assert got[0].chunks == chunks and got[0].x.shape[1] % (2 * 4 ** ring * chunks) == 0
     assert got[1].heads_first and want[1].heads_first     # what decode reads in place
     np.testing.assert_array_equal(got[1].lengths, want[1].lengths)

@@ -273,7 +273,7 @@ class Qwen2(nnx.Module):
                             map_chunks(piece, xs, chunk, remat=True))
 
     def _stack(self, x, positions, attend, per_layer=(), layout: Layout = UNSHARDED,
-               devices: int = 1, heads_first: bool = False):
+               devices: int = 1, heads_first: bool = False, seq_len=None):
         """The one layer stack: `decoder_layer` scanned over the stacked params (remat per config).
         x [N, L, E] at positions [N, L], L split over `devices` in equal blocks (the MLP pieces
         count a device's tokens); `attend(q, k, v, *per_layer_i)` gets this layer's slice of
@@ -284,7 +284,7 @@ class Qwen2(nnx.Module):
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta,
                                 scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
-                                original_max=cfg.max_position_embeddings)
+                                original_max=cfg.max_position_embeddings, seq_len=seq_len)
 
         pieces = mlp_pieces(cfg, x.shape[1] // devices)
 
@@ -391,6 +391,7 @@ class Qwen2(nnx.Module):
         attend = prompt_attention(layout, cfg.attention)
         lengths = jnp.sum(prompt.segments >= 0, axis=1).astype(jnp.int32)
         h = jnp.zeros((b, cfg.hidden_size), cfg.dtype)
+        seq_len = jnp.max(prompt.positions) + 1   # dynamic RoPE: the whole prompt's, per chunk
         for s in range(chunks):
             q_pos, q_seg = flat(pos[:, :, s:s + 1]), flat(seg[:, :, s:s + 1])
             k_pos, k_seg = flat(pos[:, :, :s + 1]), flat(seg[:, :, :s + 1])
@@ -405,7 +406,8 @@ class Qwen2(nnx.Module):
                 return attend(q, own(k, ck), own(v, cv), q_pos, k_pos, q_seg, k_seg)
 
             hidden, kv = self._stack(flat(x[:, :, s:s + 1]), q_pos, att, per_layer=cache,
-                                     layout=layout, devices=n, heads_first=heads_first)
+                                     layout=layout, devices=n, heads_first=heads_first,
+                                     seq_len=seq_len)
             at = (slice(None),) * (slot + 1) + (s,)     # [layers, ...] into the chunk's slot
             cache = tuple(c.at[at].set(a.reshape(-1, *piece)) for c, a in zip(cache, kv))
             h = h + last_hidden(hidden, q_pos, q_seg, lengths)
