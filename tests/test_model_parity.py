@@ -111,3 +111,9 @@ def test_vlm_matches_torch_composition(vila_dir, vila_parts):
     # the same under jit (traced placeholder position) and batched
     batched = jax.jit(model.embed_prompt)(jnp.asarray(ids)[None].repeat(2, 0), video[None].repeat(2, 0))
     np.testing.assert_allclose(batched[1], embeds, rtol=0, atol=0)
+    # concrete batched ids are checked row by row (under vmap the rows had been tracers: a row
+    # without a placeholder got the video over its first token)
+    rows = np.stack([ids, np.where(ids == cfg.video_token_id, 5, ids),
+                     np.where(ids == ids[0], cfg.video_token_id, ids)])
+    with pytest.raises(ValueError, match=r"exactly one video placeholder .*\[\(1, 0\), \(2, 2\)\]"):
+        model.embed_prompt(jnp.asarray(rows), video[None].repeat(3, 0))

@@ -78,17 +78,21 @@ class VLM(nnx.Module):
         """Token embeddings with the one video placeholder replaced by `video_embeds`.
 
         token_ids [L] or [B, L]; video_embeds [V, D] or [B, V, D] -> [(B,) L - 1 + V, D].
-        Works under jit (the placeholder position may be traced).
+        Works under jit (the placeholder position may be traced; concrete ids are checked: a
+        row without a placeholder or with several is a ValueError naming the rows).
         """
         if video_embeds is None:
             return self.llm.embed_tokens(token_ids)
+        vid = self.cfg.video_token_id
+        if not isinstance(token_ids, jax.core.Tracer) and \
+                getattr(token_ids, "is_fully_addressable", True):
+            counts = jnp.sum(jnp.atleast_2d(token_ids) == vid, axis=-1).tolist()
+            bad = [(i, c) for i, c in enumerate(counts) if c != 1]
+            if bad:
+                raise ValueError(f"prompt must hold exactly one video placeholder (token id "
+                                 f"{vid}); (row, found): {bad[:8]}")
         if token_ids.ndim == 2:
             return jax.vmap(self.embed_prompt)(token_ids, video_embeds)
-        if not isinstance(token_ids, jax.core.Tracer):
-            count = int(jnp.sum(token_ids == self.cfg.video_token_id))
-            if count != 1:
-                raise ValueError(f"prompt must hold exactly one video placeholder (token id "
-                                 f"{self.cfg.video_token_id}), found {count}")
         return splice(self.llm.embed_tokens(token_ids), token_ids == self.cfg.video_token_id,
                       video_embeds.astype(self.cfg.llm.dtype))
 
