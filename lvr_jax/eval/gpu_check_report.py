@@ -56,6 +56,49 @@ def _failed(result: dict, name: str) -> str | None:
     return f"{name}: **failed**, {section['error']}" if "error" in section else None
 
 
+def _sub_block(s: dict) -> list[str]:
+    out = [f"Attention sub-block {s['shape']} (B, L, H, KVH, D), causal, {s['dtype']}; fused "
+           f"implementation {s['fused_implementation']}, the ring's {s['ring_kernel']}; the "
+           f"ring's fused blocks' relative error to the einsum ones: "
+           + ", ".join(f"{k} {v:.1e}" for k, v in s["ring_fused_rel_err"].items()) + ".", "",
+           "| kernel | forward TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd ms | forward temp MiB "
+           "| backward temp MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for kind, label, bwd in (
+            ("einsum", "ring's einsum blocks", "einsum_backward"),
+            ("ring_fused", "ring's fused blocks", "ring_fused_backward"),
+            ("fused", "jax.nn.dot_product_attention (fwd+bwd in one)", "fused_forward_backward")):
+        out.append(f"| {label} | {s[kind + '_forward_tflops']:.3g} | "
+                   f"{s[kind + '_forward_backward_tflops']:.3g} | "
+                   f"{1e3 * s[kind + '_forward_backward_s']:.3g} | "
+                   f"{s[kind + '_forward_temp_bytes'] / MIB:.1f} | "
+                   f"{s[bwd + '_temp_bytes'] / MIB:.1f} |")
+    return out + [""]
+
+
+def _prefill(p: dict) -> list[str]:
+    return [f"Prefill, {p['tokens']} tokens: {p['seconds']:.3g} s, {p['tflops']:.3g} TFLOP/s "
+            f"(model FLOPs by formula), MFU {_fmt(p['mfu'], '.1%')}, temp "
+            f"{p['temp_bytes'] / MIB:.0f} MiB.", ""]
+
+
+def _decode(d: dict) -> list[str]:
+    return [f"Decode, G = {d['group']} branches on a {d['prefix']}-token prefix, {d['steps']} "
+            f"steps: {d['ms_per_step']:.3g} ms/step; one HBM read of weights + prefix "
+            f"{_fmt(d['hbm_read_ms'])} ms ({_fmt(d['vs_hbm_read'], '.2f')}x); prefix copies "
+            f"written per step in the loop: {d['prefix_copies_in_loop']}.", ""]
+
+
+def _grpo(g: dict) -> list[str]:
+    phases = list(g["timed"])
+    return [f"One GRPO step, {g['frames']} frames, G = {g['group']}, {g['new_tokens']} new "
+            f"tokens: {g['step_s']:.3g} s (timed after a warm-up step).", "",
+            "| " + " | ".join(phases) + " |", "|" + "---:|" * len(phases),
+            "| " + " | ".join(f"{g['timed'][p]:.3g} s" for p in phases) + " |", ""]
+
+
+SECTIONS = {"sub_block": _sub_block, "prefill": _prefill, "decode": _decode, "grpo": _grpo}
+
+
 def table(result: dict) -> str:
     """The report: device, goals, then one table per section that ran."""
     dev = result["device"]
@@ -69,51 +112,10 @@ def table(result: dict) -> str:
         shown = _fmt(value, ".1%") if goal.unit == "MFU" and value is not None else _fmt(value, ".2f")
         out.append(f"| {goal.name} | {limit} | {shown} | {verdict} |")
     out.append("")
-    if (msg := _failed(result, "sub_block")) is None:
-        s = result["sub_block"]
-        out += [f"Attention sub-block {s['shape']} (B, L, H, KVH, D), causal, {s['dtype']}; fused "
-                f"implementation {s['fused_implementation']}, the ring's {s['ring_kernel']}; the "
-                f"ring's fused blocks' relative error to the einsum ones: "
-                + ", ".join(f"{k} {v:.1e}" for k, v in s["ring_fused_rel_err"].items()) + ".", "",
-                "| kernel | forward TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd ms | forward temp MiB "
-                "| backward temp MiB |", "|---|---:|---:|---:|---:|---:|"]
-        for kind, label, bwd in (
-                ("einsum", "ring's einsum blocks", "einsum_backward"),
-                ("ring_fused", "ring's fused blocks", "ring_fused_backward"),
-                ("fused", "jax.nn.dot_product_attention (fwd+bwd in one)", "fused_forward_backward")):
-            out.append(f"| {label} | {s[kind + '_forward_tflops']:.3g} | "
-                       f"{s[kind + '_forward_backward_tflops']:.3g} | "
-                       f"{1e3 * s[kind + '_forward_backward_s']:.3g} | "
-                       f"{s[kind + '_forward_temp_bytes'] / MIB:.1f} | "
-                       f"{s[bwd + '_temp_bytes'] / MIB:.1f} |")
-        out.append("")
-    else:
-        out += [msg, ""]
-    if (msg := _failed(result, "prefill")) is None:
-        p = result["prefill"]
-        out += [f"Prefill, {p['tokens']} tokens: {p['seconds']:.3g} s, {p['tflops']:.3g} TFLOP/s "
-                f"(model FLOPs by formula), MFU {_fmt(p['mfu'], '.1%')}, temp "
-                f"{p['temp_bytes'] / MIB:.0f} MiB.", ""]
-    else:
-        out += [msg, ""]
-    if (msg := _failed(result, "decode")) is None:
-        d = result["decode"]
-        out += [f"Decode, G = {d['group']} branches on a {d['prefix']}-token prefix, {d['steps']} "
-                f"steps: {d['ms_per_step']:.3g} ms/step; one HBM read of weights + prefix "
-                f"{_fmt(d['hbm_read_ms'])} ms ({_fmt(d['vs_hbm_read'], '.2f')}x); prefix copies "
-                f"written per step in the loop: {d['prefix_copies_in_loop']}.", ""]
-    else:
-        out += [msg, ""]
-    if (msg := _failed(result, "grpo")) is None:
-        g = result["grpo"]
-        phases = list(g["timed"])
-        out += [f"One GRPO step, {g['frames']} frames, G = {g['group']}, {g['new_tokens']} new "
-                f"tokens: {g['step_s']:.3g} s (timed after a warm-up step).", "",
-                "| " + " | ".join(phases) + " |", "|" + "---:|" * len(phases),
-                "| " + " | ".join(f"{g['timed'][p]:.3g} s" for p in phases) + " |", ""]
-    else:
-        out += [msg, ""]
-    ran = [n for n in ("sub_block", "prefill", "decode", "grpo") if n in result]
+    for name, render in SECTIONS.items():
+        msg = _failed(result, name)
+        out += render(result[name]) if msg is None else [msg, ""]
+    ran = [n for n in SECTIONS if n in result]
     out += ["Wall seconds per section, compiles included: "
             + ", ".join(f"{n} {result[n].get('section_s', 0):.0f}" for n in ran) + ".", ""]
     return "\n".join(out)

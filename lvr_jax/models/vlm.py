@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lvr_jax.models.attention import AttentionOptions
@@ -86,7 +87,8 @@ class VLM(nnx.Module):
         vid = self.cfg.video_token_id
         if not isinstance(token_ids, jax.core.Tracer) and \
                 getattr(token_ids, "is_fully_addressable", True):
-            counts = jnp.sum(jnp.atleast_2d(token_ids) == vid, axis=-1).tolist()
+            # numpy: under a jit a concrete (closed-over) array's jnp ops would be traced
+            counts = np.sum(np.atleast_2d(np.asarray(token_ids)) == vid, axis=-1).tolist()
             bad = [(i, c) for i, c in enumerate(counts) if c != 1]
             if bad:
                 raise ValueError(f"prompt must hold exactly one video placeholder (token id "
