@@ -243,10 +243,7 @@ class Checkpointer:
         `rng` target come back as typed keys.
         """
         step = int(step)
-        if step not in self.all_steps():
-            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} "
-                                  f"(complete steps: {self.all_steps()})")
-        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        meta = self.meta(step)
         if rng is not None and not meta.get("has_rng"):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no rng state")
         if opt_state is not None and not meta.get("has_opt_state", True):
@@ -312,7 +309,8 @@ class Checkpointer:
     def meta(self, step: int) -> dict:
         """The JSON item of complete step `step`: {"step", "data_state", "extra", ...}."""
         if step not in self.all_steps():
-            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}")
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} "
+                                  f"(complete steps: {self.all_steps()})")
         return self._restore_item(step, "meta", ocp.args.JsonRestore())
 
     def _restore_item(self, step: int, name: str, args: Any) -> Any:
