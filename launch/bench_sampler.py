@@ -4,7 +4,8 @@ shared prefix and the repeated prompts once, medians reported), and the prefix c
 prefill FLOPs of a group of G samples with and without the shared prefix. Each sampler is also
 timed for one new token (the prefill and the first token), so the table splits each call into
 that and the decode loop's ms per step. Writes bench_sampler.md, bench_sampler.png and
-bench_sampler.json (every round's seconds).
+bench_sampler.json (every round's seconds). Runs on one CPU device (the samplers use no mesh);
+XLA_FLAGS=--xla_force_host_platform_device_count=N sets another count.
     python launch/bench_sampler.py --out=runs/bench_sampler [--prompts=4 --group=8 --new=64]
 """
 
@@ -13,7 +14,7 @@ import os
 from lvr_jax import cli
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-cli.cpu_devices()
+cli.cpu_devices(1)   # no mesh: 7 more virtual devices would only add thread pools on the same cores
 
 import functools  # noqa: E402
 import sys  # noqa: E402
@@ -113,8 +114,10 @@ def main(_):
             time.sleep(0.5)   # let the other runtime's worker threads stop spinning first
             seconds[name].append(run())
     cost = {"shared": prefill_cost(llm, prompts), "repeated": prefill_cost(llm, repeats)}
-    print(bench_sampler_report.write(args.out, seconds, {k: getattr(args, k) for k in (
-        "prompts", "group", "prompt_len", "new", "repeats")}, cost, sys.modules["torch"].__version__))
+    settings = {k: getattr(args, k) for k in ("prompts", "group", "prompt_len", "new", "repeats")}
+    settings["cpu_devices"] = jax.device_count()
+    print(bench_sampler_report.write(args.out, seconds, settings, cost,
+                                     sys.modules["torch"].__version__))
 
 
 if __name__ == "__main__":

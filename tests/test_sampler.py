@@ -13,7 +13,8 @@ from configs import tiny
 from lvr_jax.models.attention import AttentionOptions
 from lvr_jax.models.qwen2 import left_pad
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
-from lvr_jax.rollout.sampler import Sampler, SamplingParams, filter_logits
+from lvr_jax.rollout.sampler import (Sampler, SamplingParams, categorical, filter_logits,
+                                    first_argmax)
 from sharding.mesh import make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
@@ -172,3 +173,35 @@ def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
 def test_sampling_params_reject_bad_values(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SamplingParams(**bad)
+
+
+def test_first_argmax_and_categorical_are_jax_s():
+    """The sampler's argmax (two plain reductions) is `jnp.argmax`'s: the first maximum, a NaN
+    counted as the maximum, an all -inf row 0; its Gumbel draw is `jax.random.categorical`'s."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((9, 33)).astype(np.float32)
+    x[1, [4, 20]] = x[1].max() + 1                      # a tie: the first wins
+    x[2, [3, 30]] = np.nan
+    x[3] = -np.inf
+    x[4, 5:] = -np.inf
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got[:4], [np.argmax(x[0]), 4, 3, 0])
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(3), r))(jnp.arange(200))
+    logits = jnp.asarray(np.where(rng.random((200, 33)) < 0.3, -np.inf,
+                                  rng.standard_normal((200, 33)) * 2), jnp.float32)
+    want = jax.vmap(jax.random.categorical)(keys, logits)
+    np.testing.assert_array_equal(np.asarray(jax.jit(categorical)(keys, logits)), want)
+    assert len(set(np.asarray(want).tolist())) > 10
+
+
+def test_one_new_token_is_the_first_of_longer_runs(vlm, prompts):
+    """The last token is chosen after the decode loop: with max_new_tokens=1 the loop runs no
+    step, and the token and log-prob are those a longer run starts with (sampled, same seed)."""
+    sampler = Sampler(vlm)
+    kw = dict(num_samples=2, temperature=1.0, seed=4)
+    one, lp1, len1 = sampler.generate(prompts, max_new_tokens=1, **kw)
+    six, lp6, _ = sampler.generate(prompts, max_new_tokens=T, **kw)
+    np.testing.assert_array_equal(one[:, 0], six[:, 0])
+    np.testing.assert_allclose(lp1[:, 0], lp6[:, 0], rtol=1e-6)
+    assert (len1 == 1).all()

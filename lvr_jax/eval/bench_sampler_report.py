@@ -35,8 +35,9 @@ def table(summary: dict, flags: dict, cost: dict, torch_version: str) -> str:
     tok = rows * flags["new"]
     lines = [
         f"Tiny Qwen2 (64 wide, 2 layers), {flags['prompts']} prompts x G={flags['group']}, prompt "
-        f"{flags['prompt_len']} tokens, {flags['new']} new tokens, greedy, CPU (torch "
-        f"{torch_version}), median of {flags['repeats']} interleaved rounds.",
+        f"{flags['prompt_len']} tokens, {flags['new']} new tokens, greedy, CPU "
+        f"({flags.get('cpu_devices', '?')} JAX device(s); torch {torch_version}), median of "
+        f"{flags['repeats']} interleaved rounds.",
         "", "| sampler | wall s | tokens/s | vs HF generate | first token s | decode ms/step "
         "| decode vs HF |", "|---|---:|---:|---:|---:|---:|---:|"]
     for n in SAMPLERS:

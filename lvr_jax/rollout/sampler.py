@@ -93,14 +93,30 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
+def first_argmax(x):
+    """`jnp.argmax(x, axis=-1)` (the first maximum; a NaN counts as the maximum) as two plain
+    reductions: XLA:CPU runs argmax's variadic (value, index) reduce about 5x slower, a tenth of
+    a tiny model's decode step."""
+    top = jnp.max(x, axis=-1, keepdims=True)          # NaN when the row holds one
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
+
+
+def categorical(keys, logits):
+    """`jax.vmap(jax.random.categorical)(keys, logits)` for rows [N, V] (the same Gumbel-max
+    draws), through `first_argmax`."""
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
+    return first_argmax(gumbel + logits)
+
+
 def choose(logits, keys, params: SamplingParams):
     """Sample (or argmax) one token per row; returns (tokens, logprobs of the scaled dist)."""
     if params.temperature == 0:
-        tok = jnp.argmax(logits, axis=-1)
+        tok = first_argmax(logits)
         lp = jax.nn.log_softmax(logits, axis=-1)
     else:
         filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p)
-        tok = jax.vmap(jax.random.categorical)(keys, filtered.reshape(-1, logits.shape[-1]))
+        tok = categorical(keys, filtered.reshape(-1, logits.shape[-1]))
         tok = tok.reshape(logits.shape[:-1])
         lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
     return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[..., None], axis=-1)[..., 0]
@@ -119,13 +135,12 @@ def _stopped(tokens, step, stop_seqs):
 
 def decode(llm, prefix: Prefix, state: DecodeState, row_keys, params: SamplingParams, eos_ids,
            stop_seqs, pad_id: int, layout: Layout = UNSHARDED) -> DecodeState:
-    """While-loop decode until every branch stopped or max_new_tokens."""
+    """While-loop decode until every branch stopped or max_new_tokens. The last token is chosen
+    after the loop: no layer runs for the logits that would follow it."""
     eos = jnp.asarray(eos_ids, jnp.int32)
 
-    def cond(s):
-        return (s.step < params.max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s):
+    def record(s):
+        """Choose the token at `s.step` from `s.logits` and write it down."""
         keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(row_keys)
         tok, lp = choose(s.logits, keys, params)
         tok = jnp.where(s.done, pad_id, tok)
@@ -134,11 +149,19 @@ def decode(llm, prefix: Prefix, state: DecodeState, row_keys, params: SamplingPa
         logprobs = jax.lax.dynamic_update_slice_in_dim(s.logprobs, lp[..., None], s.step, axis=2)
         lengths = s.lengths + (~s.done).astype(jnp.int32)
         done = s.done | jnp.isin(tok, eos) | _stopped(tokens, s.step, stop_seqs)
-        logits, k, v = decode_step(llm, prefix, s, tok, layout)
-        return DecodeState(step=s.step + 1, k=k, v=v, tokens=tokens, logprobs=logprobs, done=done,
-                           lengths=lengths, logits=logits)
+        return s.replace(tokens=tokens, logprobs=logprobs, done=done, lengths=lengths), tok
 
-    return jax.lax.while_loop(cond, body, state)
+    def cond(s):
+        return (s.step < params.max_new_tokens - 1) & ~jnp.all(s.done)
+
+    def body(s):
+        s, tok = record(s)
+        logits, k, v = decode_step(llm, prefix, s, tok, layout)
+        return s.replace(step=s.step + 1, k=k, v=v, logits=logits)
+
+    # once every branch stopped, the last record writes what the tokens already hold (pad, 0)
+    s, _ = record(jax.lax.while_loop(cond, body, state))
+    return s.replace(step=s.step + 1)
 
 
 def init_state(prefix: Prefix, params: SamplingParams, cache_dtype,
