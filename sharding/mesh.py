@@ -129,7 +129,7 @@ def logical_to_spec(
             if ax in used:
                 continue
             if mesh is not None:
-                size = mesh.shape[ax]
+                size = mesh.shape.get(ax, 1)        # an axis the mesh lacks: size 1
                 if size == 1:
                     continue
                 done = math.prod(mesh.shape[a] for a in kept)
@@ -215,7 +215,7 @@ class Layout:
             return None
         target = self.table.get(name)
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        live = [a for a in axes if self.mesh.shape[a] > 1]
+        live = [a for a in axes if self.mesh.shape.get(a, 1) > 1]
         if len(live) > 1:
             raise ValueError(f"sharding rule {name}={target!r}: {name} runs over one mesh axis, "
                              f"but {live} all have size > 1")
@@ -245,9 +245,10 @@ class Layout:
     @property
     def pad_multiple(self) -> int:
         """Prompts are padded to a multiple of this: 2 x the ring size when the ring runs (the
-        zigzag cuts 2 chunks per device), else 1."""
+        zigzag cuts 2 chunks per device), and of the devices the prefix cache is split over
+        (`cache_length`, the ring's axis by default, but rules may split it without a ring)."""
         n = self.size("length")
-        return 2 * n if n > 1 else 1
+        return math.lcm(2 * n if n > 1 else 1, self.size("cache_length"))
 
 
 UNSHARDED = Layout()    # no mesh: one device, nothing sharded (the default layout)

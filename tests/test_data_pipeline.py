@@ -357,9 +357,14 @@ def test_bad_videos_skipped_and_counted(tmp_path, records, tokenizer, pre, data_
     assert sorted(seen) == sorted(r.problem_id for r in records)    # every good record, once
     logged = caplog.text
     assert all(pid in logged for pid in bad)
-    # the short video is fine under the reference policy (frames repeat)
-    ok, skipped = _run(recs, DataConfig(**{**cfg.__dict__, "short_video": "repeat"}), tokenizer, pre)
-    assert skipped == len(bad) - 1
+    # the short video is fine under the reference policy (each of its 4 frames once, the rest
+    # of the 6 frame slots masked) and under "repeat" (6 frames, repeated)
+    for policy, frames in (("all", 4), ("repeat", 6)):
+        ok, skipped = _run(recs, DataConfig(**{**cfg.__dict__, "short_video": policy}), tokenizer,
+                           pre)
+        assert skipped == len(bad) - 1
+        got = {pid: int(n) for b in ok for pid, n in zip(b["problem_id"], b["num_frames"])}
+        assert got["bad-short"] == frames and set(got.values()) == {6, frames}
     # with drop_remainder, good examples left short of a full batch at the end are logged
     cfg = DataConfig(**{**cfg.__dict__, "drop_remainder": True, "batch_size": 5})
     with caplog.at_level(logging.WARNING, logger="lvr_jax.data.dataset"):

@@ -126,10 +126,17 @@ def test_fps_cap_when_reading(tmp_path):
     assert read_frames(path, 32).shape[0] == 32
 
 
-def test_short_video_repeat_or_error(tmp_path):
+def test_short_video_all_repeat_or_error(tmp_path):
+    """A 6-frame video asked for 10: by default every frame once, in order (Long-RL's
+    `_load_video` when the video has fewer frames than asked); "repeat": the linspace indices;
+    "error": VideoTooShort."""
     rng = np.random.default_rng(_seed())
     path, written = _write(tmp_path, rng, 6)
     frames, idx = read_frames(path, 10, return_indices=True)
+    np.testing.assert_array_equal(idx, np.arange(6))
+    np.testing.assert_array_equal(_barcode(frames), np.arange(6))
+    frames, idx = read_frames(path, 10, short="repeat", return_indices=True)
+    np.testing.assert_array_equal(idx, sample_indices(6, 10))
     assert frames.shape[0] == 10
     for i, j in zip(range(9), range(1, 10)):
         if idx[i] == idx[j]:

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lvr_jax.rl.grpo import entropy, filter_groups, group_advantages, grpo_loss, token_logprobs
+from lvr_jax.rl.grpo import (entropy, filter_groups, group_advantages, grpo_loss, k3_kl,
+                             token_logprobs)
 from lvr_jax.rl.sft import sft_loss, shift_for_next_token
 
 CLIP_LOW, CLIP_HIGH, BETA = 0.2, 0.28, 0.05
@@ -163,6 +164,21 @@ def test_beta_zero_reports_the_kl_without_adding_it():
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())
     assert ex["kl"] > 0.01
     np.testing.assert_allclose(float(metrics["kl"]), ex["kl"], rtol=1e-5)
+
+
+def test_k3_kl_clamps_the_gap_first_as_verl():
+    """ref - logp is clamped to [-20, 20] before exp, as verl's low_var_kl: a 93-nat gap (exp
+    past float32) on a token, masked or not, gives the clamped KL and finite gradients (it had
+    back-propagated 0 * inf = NaN through the loss into every parameter)."""
+    logp = np.array([[-1.0, -95.0, -3.0], [-0.5, -2.0, -40.0]], np.float32)
+    ref = np.array([[-1.2, -2.0, -1.0], [-0.4, -2.5, -1.0]], np.float32)
+    d = np.clip(ref.astype(np.float64) - logp, -20, 20)
+    want = np.clip(np.exp(d) - d - 1, -10, 10)                  # verl's formula, float64
+    np.testing.assert_allclose(k3_kl(jnp.asarray(logp), jnp.asarray(ref)), want, rtol=1e-5)
+    for mask in (np.ones_like(logp), np.array([[1, 0, 1], [1, 1, 0]], np.float32)):
+        grad = jax.grad(lambda lp, m=mask: grpo_loss(lp, lp, jnp.asarray(ref), jnp.zeros((2,)),
+                                                     jnp.asarray(m))[0])(jnp.asarray(logp))
+        assert np.isfinite(np.asarray(grad)).all()
 
 
 # ---- advantages and group filter ---------------------------------------------------------------

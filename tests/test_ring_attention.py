@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lvr_jax.models.attention import dense_attention
+from lvr_jax.models.attention import (QUERY_BLOCK, causal_blocks_attention, dense_attention,
+                                      whole_prompt_attention)
 from sharding.mesh import make_mesh
 from sharding.ring_attention import ring_attention, ring_attention_local_stats
 from sharding.sequence_parallel import (
@@ -158,6 +159,24 @@ def test_ring_matches_dense_heads_over_tensor_mha():
     """No segment ids, MHA, heads sharded over 'tensor' with batch over data and a seq ring."""
     mesh = make_mesh({"data": 2, "seq": 2, "tensor": 2})
     check_against_dense(mesh, True, None, seed=13, kv_heads=H)
+
+
+def test_ring_on_a_mesh_of_only_a_seq_axis():
+    """A user's mesh without the project's other axes ('data', 'fsdp', 'tensor'): they count as
+    size 1 (the ring had failed with KeyError: 'data')."""
+    mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:4])
+    check_against_dense(mesh, True, packed_segments(), seed=15)
+
+
+def test_one_device_prompt_attention_without_positions():
+    """`whole_prompt_attention` / `causal_blocks_attention` with positions left out: the index,
+    as `dense_attention` takes them, in every query block past the first (a block had got
+    positions 0.. against keys 0..end, hiding most of its causal keys: 0.7 relative error)."""
+    q, k, v, _ = make_inputs(16, length=2 * QUERY_BLOCK + 9)
+    ref = dense_fwd(True)(q, k, v)
+    for fn in (whole_prompt_attention, causal_blocks_attention):
+        assert rel(jax.jit(fn)(q, k, v, None, None), ref) < TOL
 
 
 def test_ring_bf16_forward():

@@ -15,7 +15,7 @@ from lvr_jax.models.qwen2 import left_pad
 from lvr_jax.models.vlm import init_vlm, vlm_config_from
 from lvr_jax.rollout.sampler import (Sampler, SamplingParams, categorical, filter_logits,
                                     first_argmax)
-from sharding.mesh import make_mesh
+from sharding.mesh import DEFAULT_RULES, make_mesh
 from tests.conftest import perturb
 from tests.torch_reference import rel_err
 
@@ -205,3 +205,15 @@ def test_one_new_token_is_the_first_of_longer_runs(vlm, prompts):
     np.testing.assert_array_equal(one[:, 0], six[:, 0])
     np.testing.assert_allclose(lp1[:, 0], lp6[:, 0], rtol=1e-6)
     assert (len1 == 1).all()
+
+
+def test_prefix_split_without_the_ring(vlm, prompts):
+    """Rules that turn the ring off ('length' replicated) but keep the prefix cache split over
+    'seq': prompts are padded to that axis (`Layout.pad_multiple`; the split had failed inside
+    the prefix attention's shard_map), and decoding equals the unsharded sampler's."""
+    sampler = Sampler(vlm, make_mesh({"seq": 4, "data": -1}), rules={**DEFAULT_RULES, "length": None})
+    assert sampler.layout.seq_axis is None and sampler.layout.pad_multiple == 4
+    kw = dict(num_samples=4, max_new_tokens=T, temperature=0)
+    got, want = sampler.generate(prompts, **kw), Sampler(vlm).generate(prompts, **kw)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=2e-5)

@@ -43,7 +43,8 @@ class DataConfig:
     mode: str = "rl"                 # "rl": prompt ids; "sft": prompt + reply ids and loss mask
     num_frames: int = 16
     fps: float = 0.0                 # > 0 caps the sampling rate (fewer frames for short videos)
-    short_video: str = "repeat"      # fewer frames than asked: "repeat" (reference) or "error"
+    short_video: str = "all"         # fewer frames than asked: "all" (each once: reference),
+                                     # "repeat" (linspace repeats) or "error"
     batch_size: int = 1
     seed: int = 0
     shuffle: bool = True

@@ -8,9 +8,10 @@
 * `Preprocessor`: resize + rescale + normalise exactly as transformers' SigLIP image processor
   with its PIL backend (the processor NVILA / LongVILA used), channels last: float32 [T, S, S, 3].
 
-Videos shorter than the frames asked for: like the reference (LongVILA's uniform `linspace`
-sampling) the indices repeat, so every video yields `num_frames` frames (`short="repeat"`, the
-default). `short="error"` raises `VideoTooShort` instead.
+Videos shorter than the frames asked for: like the reference (Long-RL's `_load_video` reads every
+frame once when the video has fewer than `num_frames`), each frame once, T = the video's frames
+(`short="all"`, the default). `short="repeat"` keeps the `linspace` indices, which then repeat
+frames so every video yields `num_frames`; `short="error"` raises `VideoTooShort`.
 
 Resampling: Pillow itself (`PIL.Image.resize` on each uint8 frame, `pil_resize`), as in
 SiglipImageProcessor's PIL backend, so the resized frames are bit-identical to the reference.
@@ -29,7 +30,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-SHORT_POLICIES = ("repeat", "error")
+SHORT_POLICIES = ("all", "repeat", "error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +88,8 @@ def sample_indices(total_frames: int, num_frames: int, *, fps: float = 0,
                    video_fps: float | None = None) -> np.ndarray:
     """Uniform frame indices `np.linspace(0, total - 1, n).astype(int)` (int64).
 
-    n = `num_sampled_frames(...)`. When the video has fewer than n frames the indices repeat
-    (the reference behaviour); `read_frames(short="error")` rejects such videos instead.
+    n = `num_sampled_frames(...)`. When the video has fewer than n frames the indices repeat;
+    `read_frames` then reads every frame once by default (`short="all"`, the reference's way).
     """
     if total_frames < 1:
         raise ValueError(f"a video needs at least one frame, got total_frames={total_frames}")
@@ -209,17 +210,21 @@ def _indices(path, total, num_frames, fps, video_fps, short) -> np.ndarray:
     if total < n:
         if short == "error":
             raise VideoTooShort(path, f"has {total} frames, {n} asked for")
-        log.debug("%s: %d frames < %d asked for; repeating frames", path, total, n)
+        log.debug("%s: %d frames < %d asked for; %s", path, total, n,
+                  "every frame once" if short == "all" else "repeating frames")
+        if short == "all":
+            return np.arange(total, dtype=np.int64)
     return sample_indices(total, num_frames, fps=fps, video_fps=video_fps)
 
 
-def read_frames(path, num_frames: int, fps: float = 0, *, short: str = "repeat",
+def read_frames(path, num_frames: int, fps: float = 0, *, short: str = "all",
                 threads: int = 1, return_indices: bool = False):
     """Decode `num_frames` uniformly sampled frames -> uint8 [T, H, W, 3] (RGB).
 
     decord first (batched `get_batch`), PyAV when decord fails. `fps > 0` caps the sampling rate
-    (T may then be < num_frames). `short`: "repeat" (reference: linspace indices repeat when the
-    video has fewer frames) or "error" (`VideoTooShort`). Raises a `VideoError` subclass naming
+    (T may then be < num_frames). A video with fewer frames than that, `short`: "all" (the
+    reference: each frame once, T < num_frames), "repeat" (the linspace indices, repeating
+    frames) or "error" (`VideoTooShort`). Raises a `VideoError` subclass naming
     the file: `VideoNotFound`, `VideoCorrupt` (empty / truncated / garbage), `UnsupportedCodec`.
     With `return_indices`, returns (frames, indices).
     """

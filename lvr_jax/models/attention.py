@@ -181,6 +181,8 @@ def causal_blocks_attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *,
     length = q.shape[1]
     if length <= block:
         return dense_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    index = jnp.broadcast_to(jnp.arange(length), q.shape[:2])   # dense_attention's default, cut
+    q_pos, kv_pos = (index if p is None else p for p in (q_pos, kv_pos))   # with the blocks
     cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
     outs = []
     for start in range(0, length, block):

@@ -142,10 +142,12 @@ def aggregate(per_token: jax.Array, mask: jax.Array, loss_agg: LossAgg = "token-
 def k3_kl(logprobs: jax.Array, ref_logprobs: jax.Array, clip: float | None = 10.0) -> jax.Array:
     """Per-token k3 estimator of KL(pi || ref): `exp(ref - logp) - (ref - logp) - 1` (>= 0).
 
-    Clamped to [-clip, clip] like verl's 'low_var_kl' (None: no clamp); the clamp only matters for
-    tokens where the two policies differ by ~e^2 or more.
+    Like verl's 'low_var_kl': ref - logp clamped to [-20, 20] first (past ~88.7 nats exp
+    overflows float32, and the clamp below then back-propagates 0 * inf = NaN, even from a
+    masked token), then the KL clamped to [-clip, clip] (None: no clamp); that clamp only
+    matters for tokens where the two policies differ by ~e^2 or more.
     """
-    d = ref_logprobs - logprobs
+    d = jnp.clip(ref_logprobs - logprobs, -20.0, 20.0)
     kl = jnp.exp(d) - d - 1.0
     return kl if clip is None else jnp.clip(kl, -clip, clip)
 
