@@ -253,8 +253,10 @@ class FeatureStore:
             return str(e)
         if meta.get("format") != FORMAT:
             return f"format {meta.get('format')!r}, expected {FORMAT!r}"
-        if meta.get("key") != key or EntryKeys.key(fields) != key:
+        if meta.get("key") != key:
             return f"key {meta.get('key')!r} in the file, {key!r} expected"
+        if EntryKeys.key(fields) != key:
+            return f"the key fields hash to {EntryKeys.key(fields)!r}, not the key {key!r}"
         if meta.get("fields") != canonical(fields):
             return f"other key fields: {meta.get('fields')!r}"
         if set(tensors) != {FEATURES, INDICES}:
