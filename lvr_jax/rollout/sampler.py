@@ -93,11 +93,11 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def first_argmax(x):
+def first_argmax(x, top=None):
     """`jnp.argmax(x, axis=-1)` (the first maximum; a NaN counts as the maximum) as two plain
     reductions: XLA:CPU runs argmax's variadic (value, index) reduce about 5x slower, a tenth of
-    a tiny model's decode step."""
-    top = jnp.max(x, axis=-1, keepdims=True)          # NaN when the row holds one
+    a tiny model's decode step. `top`: the row maxima [..., 1] when already at hand."""
+    top = jnp.max(x, axis=-1, keepdims=True) if top is None else top   # NaN where a row has one
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
 
@@ -111,14 +111,13 @@ def categorical(keys, logits):
 
 def choose(logits, keys, params: SamplingParams):
     """Sample (or argmax) one token per row; returns (tokens, logprobs of the scaled dist)."""
-    if params.temperature == 0:
-        tok = first_argmax(logits)
-        lp = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p)
-        tok = categorical(keys, filtered.reshape(-1, logits.shape[-1]))
-        tok = tok.reshape(logits.shape[:-1])
-        lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
+    if params.temperature == 0:     # the max's log-prob: -log sum exp(logits - max), no gather
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+        return first_argmax(logits, top).astype(jnp.int32), -lse
+    filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p)
+    tok = categorical(keys, filtered.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
+    lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
     return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[..., None], axis=-1)[..., 0]
 
 
