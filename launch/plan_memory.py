@@ -22,13 +22,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def int_from_argv(argv, name: str, default: int) -> int:
-    """--name=N from the command line, read before absl parses it (jax must not start first)."""
+    """--name=N (N >= 1) from the command line, read before absl parses it (jax must not start
+    first)."""
     for i, a in enumerate(argv):
-        if a.startswith(f"--{name}="):
-            return int(a.split("=", 1)[1])
-        if a == f"--{name}" and i + 1 < len(argv):
-            return int(argv[i + 1])
+        if a.startswith(f"--{name}=") or (a == f"--{name}" and i + 1 < len(argv)):
+            return positive(a.split("=", 1)[1] if "=" in a else argv[i + 1], name)
     return default
+
+
+def positive(text: str, name: str) -> int:
+    """int(text) >= 1, else SystemExit naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"--{name} takes integers >= 1, got {text!r}")
+    return value
 
 
 def split(value: str) -> list[str]:
@@ -39,14 +49,18 @@ def main(argv):
     del argv
     phases = tuple(split(FLAGS.phases))
     unknown = [p for p in phases if p not in memory_plan.PHASES]
-    if unknown:
-        raise SystemExit(f"unknown phases {unknown}; known: {memory_plan.PHASES}")
+    if unknown or not phases:
+        raise SystemExit(f"unknown phases {unknown or FLAGS.phases!r}; known: {memory_plan.PHASES}")
+    frames = [positive(f, "frames") for f in split(FLAGS.frames) or [""]]
+    if FLAGS.batch < 0 or FLAGS.budget_gib <= 0:
+        raise SystemExit(f"--batch must be >= 0 and --budget_gib > 0, got {FLAGS.batch}, "
+                         f"{FLAGS.budget_gib}")
     config = CONFIG.value
     if FLAGS.hosts > 1:      # the ring spans the nodes: seq = hosts x the config's seq
         config.mesh = {**dict(config.mesh), "seq": dict(config.mesh).get("seq", 1) * FLAGS.hosts}
     memory_plan.run_plan(
         config, FLAGS.out, name=FLAGS.name or "plan_memory",
-        frames=[int(f) for f in split(FLAGS.frames)], batch=FLAGS.batch or None,
+        frames=frames, batch=FLAGS.batch or None,
         phases=phases, budget_gib=FLAGS.budget_gib,
         stand_ins=tuple(split(FLAGS.stand_in)),
         source=dict(config=config_flags.get_config_filename(FLAGS["config"]),

@@ -32,7 +32,9 @@ def test_qwen2_logits_match_transformers(tmp_path, tie, heads, kv_heads):
     assert ref.rel_err(got, want) < TOL
 
 
-@pytest.mark.parametrize("image_size", [28, 24])  # 7 x 7 and 6 x 6 patch grids
+# 7 x 7 and 6 x 6 patch grids; 30 px: 7 x 7 patches of 4, the last 2 rows and columns unused
+# (transformers' stride-4 convolution; the tower had refused such a config)
+@pytest.mark.parametrize("image_size", [28, 24, 30])
 def test_siglip_features_match_hidden_states_minus_2(tmp_path, image_size):
     torch_vis = ref.tiny_siglip(seed=image_size, image_size=image_size)
     torch_vis.save_pretrained(tmp_path)

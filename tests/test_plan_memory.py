@@ -133,6 +133,23 @@ def test_hosts_flag_spans_the_ring_over_the_nodes(tmp_path):
     assert report["mesh"] == {"data": 1, "fsdp": 2, "seq": 8, "tensor": 1}
 
 
+@pytest.mark.parametrize("flag,message", [
+    ("--frames=", "--frames takes integers >= 1, got ''"), ("--frames=8,abc", "got 'abc'"),
+    ("--frames=0", "got '0'"), ("--phases=", "unknown phases ''"),
+    ("--devices=abc", "--devices takes integers >= 1"), ("--hosts=0", "--hosts takes integers"),
+    ("--batch=-1", "--batch must be >= 0"),
+])
+def test_bad_flags_are_named(tmp_path, flag, message):
+    """Bad flag values stop the script with a message naming the flag (they had ended in
+    tracebacks from inside the plan, or `--frames=0` in a "FITS" verdict)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "launch" / "plan_memory.py"),
+                          f"--out={tmp_path}", f"--config={root / 'configs' / 'demo.py'}:grpo",
+                          flag], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "plan_memory.json").exists()
+
+
 def test_cpu_upcast_is_measured_for_bf16_updates_only(pm):
     """XLA:CPU slices bf16 in float32 and hoists the upcast of the whole stacked checkpoints out
     of the backward loop; the planner measures that temp by a second compile without loop-invariant

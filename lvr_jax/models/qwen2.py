@@ -85,6 +85,7 @@ class Qwen2Config:
         if kind != "default" and "factor" not in rope:
             raise ValueError(f"{field}: RoPE type {kind!r} needs a 'factor'; {field}={rope!r}")
         factor = float(rope["factor"]) if kind != "default" else 1.0
+        _check_attention_fields(cfg)
         kw = dict(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
@@ -221,6 +222,18 @@ class Prefix:
         """(k, v) as [layers, B, Lp, KVH, D], whichever layout they are kept in."""
         return (jnp.swapaxes(self.k, 2, 3), jnp.swapaxes(self.v, 2, 3)) if self.heads_first \
             else (self.k, self.v)
+
+
+def _check_attention_fields(cfg: dict) -> None:
+    """ValueError naming the field for what this model does not run: an activation other than
+    SiLU, sliding-window attention on any layer (Qwen2.5 has `use_sliding_window: false`)."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+    n, keys = cfg["num_hidden_layers"], ("use_sliding_window", "sliding_window", "max_window_layers")
+    if "sliding_attention" in (cfg.get("layer_types") or []) or (
+            cfg.get(keys[0]) and cfg.get(keys[1]) and cfg.get(keys[2], n) < n):
+        raise ValueError("sliding-window attention is not supported: " + ", ".join(
+            f"{k}={cfg.get(k)!r}" for k in (*keys, "layer_types")))
 
 
 class Qwen2(nnx.Module):

@@ -31,15 +31,14 @@ class SiglipConfig:
     frame_chunk: int = 0           # images per micro-batch (0: all at once; layers.map_chunks)
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of "
-                             f"patch_size={self.patch_size}")
         if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
             raise ValueError(f"feature_layer={self.feature_layer} out of range for "
                              f"{self.num_layers} layers")
 
     @property
     def grid(self) -> int:
+        """Patches per side: the image's last image_size % patch_size rows and columns are left
+        out, as transformers' stride-patch convolution leaves them."""
         return self.image_size // self.patch_size
 
     @property
@@ -134,7 +133,8 @@ class SiglipVision(nnx.Module):
             raise ValueError(f"expected images of shape [B, {cfg.image_size}, {cfg.image_size}, "
                              f"{cfg.num_channels}], got {tuple(images.shape)}")
         g, p = cfg.grid, cfg.patch_size
-        x = images.astype(cfg.dtype).reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5)
+        x = images[:, :g * p, :g * p].astype(cfg.dtype)            # as the conv's stride drops
+        x = x.reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, g * g, p * p * ch)
         kernel = self.patch_kernel.get_value().reshape(p * p * ch, -1).astype(cfg.dtype)
         x = x @ kernel + self.patch_bias.get_value().astype(cfg.dtype)
