@@ -114,7 +114,7 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
     # a custom string holding "{question}" once (lvr_jax.data.prompts.resolve_template)
     c.data.pipeline = dict(root="", num_frames=16, fps=0.0, batch_size=8, seed=0, shuffle=True,
                            on_error="skip", num_workers=0, max_length=512, system_prompt=None,
-                           prompt_template="longrl")
+                           prompt_template="longrl", short_video="all")
 
     # GRPO: prompts per rollout (0: batch_size); the rollout's P x G samples are split into
     # rl.ppo_minibatches optimizer steps (P a multiple of it)
@@ -162,8 +162,10 @@ def base_config(model: ml_collections.ConfigDict, mesh: dict,
     c.rl.dynamic_max_draws = 20       # rollouts per step at most, 1st included (max_try_make_batch)
     # every: validate during training every N steps and at the last one (0 = off); num_examples:
     # 0 = the whole split, N = a fixed subset (the same N items each time; lvr_jax.train.validation)
+    # temperature 0: greedy replies; else one sample per prompt at temperature / top_p, batch i
+    # with seed + i (Long-RL validates at 0.5: its val_override_config)
     c.eval = ml_collections.ConfigDict(dict(max_new_tokens=512, batch_size=8, split="val", every=0,
-                                            num_examples=0))
+                                            num_examples=0, temperature=0.0, top_p=1.0, seed=0))
     c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
     return c
 
@@ -206,4 +208,7 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
         # float32 unless role == "ref")
         c.rl.reference_dtype = "bfloat16"
         c.eval.max_new_tokens = 2048
+        # Long-RL validates with one sample at temperature 0.5 (val_override_config), top_p as
+        # its rollout's
+        c.eval.update(temperature=0.5, top_p=0.99)
     return c

@@ -1,6 +1,8 @@
 """Multiple-choice video QA accuracy of a checkpoint, overall and per category (JSON + Markdown).
     python launch/evaluate.py --config=configs/demo.py --checkpoint=DIR --out=DIR [--split=val]"""
 
+import sys
+
 from lvr_jax import cli
 
 cli.cpu_devices()
@@ -18,9 +20,13 @@ _LIMIT = flags.DEFINE_integer("limit", None, "evaluate at most this many items")
 
 def main(_):
     cli.init_distributed()
+    from lvr_jax.eval.generate import InputError
     from lvr_jax.eval.video_qa import evaluate_checkpoint
-    evaluate_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value, split=_SPLIT.value,
-                        limit=_LIMIT.value)
+    try:
+        evaluate_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value, split=_SPLIT.value,
+                            limit=_LIMIT.value)
+    except InputError as e:
+        sys.exit(f"[evaluate] error: {e}")
     cli.finish()
 
 

@@ -79,9 +79,9 @@ def test_empty_and_bad_style():
         score_replies(["B"], ["B"], ["x"], reward_style="strict")
 
 
-@pytest.mark.parametrize("limit,want", [(3, 3), (0, 0), (11, 11), (None, 16), (40, 16)])
-def test_evaluate_scores_at_most_limit_items(monkeypatch, limit, want):
-    """`limit` is a number of items, not of batches: batches of 8 with limit 3 score 3 items."""
+def fake_evaluate(monkeypatch, **kw):
+    """`evaluate` over two batches of 8 with the model faked: every reply answers B in 4 tokens.
+    Returns (result, the sampler's calls (rows, params, seed), on_batch's item counts)."""
     import numpy as np
 
     from lvr_jax.eval import accuracy
@@ -90,9 +90,9 @@ def test_evaluate_scores_at_most_limit_items(monkeypatch, limit, want):
     monkeypatch.setattr(accuracy, "make_prompts", lambda model, feats, ids, mask, layout: ids)
     calls = []
 
-    class Sampler:                                    # every reply answers B, 4 tokens
-        def generate_padded(self, prompt, mask, params):
-            calls.append(prompt.shape[0])
+    class Sampler:
+        def generate_padded(self, prompt, mask, params, seed=0):
+            calls.append((prompt.shape[0], params, seed))
             return np.zeros((prompt.shape[0], 4), np.int32), None, np.full(prompt.shape[0], 4)
 
     class Tokenizer:
@@ -105,7 +105,34 @@ def test_evaluate_scores_at_most_limit_items(monkeypatch, limit, want):
                 "category": ["c"] * 8, "problem_id": [str(i) for i in range(start, start + 8)]}
 
     done = []
-    got = accuracy.evaluate(None, Tokenizer(), [batch(0), batch(8)], limit=limit, sampler=Sampler(),
-                            on_batch=lambda n, correct: done.append(n))
+    got = accuracy.evaluate(None, Tokenizer(), [batch(0), batch(8)], sampler=Sampler(),
+                            on_batch=lambda n, correct: done.append(n), **kw)
+    return got, calls, done
+
+
+@pytest.mark.parametrize("limit,want", [(3, 3), (0, 0), (11, 11), (None, 16), (40, 16)])
+def test_evaluate_scores_at_most_limit_items(monkeypatch, limit, want):
+    """`limit` is a number of items, not of batches: batches of 8 with limit 3 score 3 items."""
+    got, calls, done = fake_evaluate(monkeypatch, limit=limit)
     assert got["n"] == want and [i["problem_id"] for i in got["items"]] == [str(i) for i in range(want)]
     assert len(calls) == -(-want // 8) and done == [min(want, 8 * (k + 1)) for k in range(len(calls))]
+    assert all(p.temperature == 0 for _, p, _ in calls)          # greedy by default
+
+
+def test_evaluate_samples_as_the_eval_section_says(monkeypatch):
+    """`eval.temperature` / `top_p` / `seed` (Long-RL validates at temperature 0.5) reach the
+    sampler, batch i drawn with seed + i, and the result and its report say how replies were
+    drawn; bad values are refused when read."""
+    import ml_collections
+
+    from lvr_jax.eval.video_qa import report_markdown
+    from lvr_jax.train import settings
+
+    config = ml_collections.ConfigDict({"eval": dict(temperature=0.5, top_p=0.99, seed=7)})
+    got, calls, _ = fake_evaluate(monkeypatch, **settings.eval_sampling(config))
+    assert [(p.temperature, p.top_p, seed) for _, p, seed in calls] == [(0.5, 0.99, 7), (0.5, 0.99, 8)]
+    assert got["sampling"] == {"temperature": 0.5, "top_p": 0.99, "seed": 7}
+    assert "one sample per prompt, temperature 0.5, top_p 0.99, seed 7" in report_markdown(got)
+    config.eval.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature must be"):
+        settings.eval_sampling(config)

@@ -22,6 +22,7 @@ from lvr_jax.data.prompts import rl_prompt_ids
 from lvr_jax.data.video import Preprocessor, read_frames
 from lvr_jax.eval import generate
 from lvr_jax.rl.rewards import extract_answer
+from lvr_jax.train.settings import reward_style
 from lvr_jax.rollout.sampler import stop_ids
 from lvr_jax.train import checkpoint as ckpt_lib
 from lvr_jax.train import convert, settings
@@ -83,7 +84,7 @@ def test_greedy_answer_equals_full_forward_argmax(tiny, gen):
     toks = np.asarray(resp["token_ids"])
     assert 1 <= len(toks) <= MAX_NEW
     assert resp["text"] == gen.tokenizer.decode(toks.tolist(), skip_special_tokens=True)
-    assert resp["answer"] == extract_answer(resp["text"])
+    assert resp["answer"] == extract_answer(resp["text"], style=reward_style(gen.config))
     eos = stop_ids(gen.tokenizer)
     assert resp["finished"] == (toks[-1] in eos)
     if len(toks) < MAX_NEW:
@@ -120,7 +121,7 @@ def test_num_samples_with_temperature(tiny, gen):
     assert len(a["responses"]) == 3 and a["sampling"]["num_samples"] == 3
     for r in a["responses"]:
         assert 1 <= r["num_tokens"] <= MAX_NEW == a["sampling"]["max_new_tokens"]
-        assert r["answer"] == extract_answer(r["text"])
+        assert r["answer"] == extract_answer(r["text"], style=reward_style(gen.config))
     seqs = [tuple(r["token_ids"]) for r in a["responses"]]
     assert len(set(seqs)) > 1, "three samples at temperature 1 should not all be equal"
     again = gen.answer(tiny["video"], q, seed=1, **kw)
@@ -197,6 +198,35 @@ def test_generate_input_errors(tiny, tmp_path):
     assert generate.parse_options(["a, b ,c"]) == ["a", "b", "c"]
     assert generate.parse_options(["a, b", "c"]) == ["a, b", "c"]
     assert generate.parse_options([]) is None
+
+
+def test_evaluate_inputs_and_skipped_items(tiny, tmp_path):
+    """evaluate_checkpoint names bad inputs before loading weights (a --limit below 1 had written
+    an accuracy over 0 items; a missing or empty split, a folder without a checkpoint had ended
+    in tracebacks), and counts the items it could not score (a missing video had silently left
+    the denominator)."""
+    from lvr_jax.eval.video_qa import evaluate_checkpoint
+
+    data = tiny["root"] / "data"
+    cfg = demo.get_config()
+    cfg.data.dir = str(data)
+    cfg.eval.update(max_new_tokens=4, batch_size=2)
+    IE = generate.InputError
+    with pytest.raises(IE, match=r"--limit must be >= 1.*got 0"):
+        evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="val", limit=0)
+    with pytest.raises(IE, match=r"--checkpoint .*nowhere"):
+        evaluate_checkpoint(cfg, tmp_path / "nowhere", tmp_path, split="val")
+    with pytest.raises(IE, match=r"split 'tset': dataset file not found: .*tset.jsonl"):
+        evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="tset")
+    (data / "empty.jsonl").write_text("")
+    with pytest.raises(IE, match=r"split 'empty': no records in .*empty.jsonl"):
+        evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="empty")
+    bad = dict(tiny["recs"][0], problem_id="gone", videos="nowhere.mp4")
+    (data / "badval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*tiny["recs"], bad]))
+    result = evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="badval")
+    assert result["n"] == 2 and result["skipped"] == 1
+    assert "1 item(s) not scored" in (tmp_path / "eval.md").read_text()
+    assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +358,12 @@ def test_convert_flags(tiny, tmp_path):
         run(f"--src={orb}")
     with pytest.raises(convert.ConvertError, match="--like is only used with --to=hf"):
         run("--to=orbax", f"--src={tiny['ckpt']}", f"--like={tiny['ckpt']}", "--dst=x")
+    # a dtype flag of the other direction is refused, not ignored
+    with pytest.raises(convert.ConvertError, match="--save_dtype is only used with --to=hf"):
+        run("--to=orbax", f"--src={tiny['ckpt']}", "--save_dtype=bfloat16", "--dst=x")
+    with pytest.raises(convert.ConvertError, match="--param_dtype is only used with --to=orbax"):
+        run("--to=hf", f"--src={orb}", f"--like={tiny['other']}", "--param_dtype=bfloat16",
+            "--dst=x")
     with pytest.raises(convert.ConvertError, match="--like is required"):
         run("--to=hf", f"--src={orb}", f"--dst={tmp_path / 'y'}")
 

@@ -89,10 +89,12 @@ def on_mesh(batch: dict, layout: Layout) -> dict:
 
 def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_tokens: int = 96,
              limit: int | None = None, on_batch=None, reward_style: str = "longrl",
-             sampler: Sampler | None = None) -> dict:
-    """Greedy-decode every batch of an RL-mode data iterator and score the answers under every
-    reward style, `reward_style` being the headline. Every process passes the same whole batches
-    (a data shard of (0, 1)) and gets the same result.
+             sampler: Sampler | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> dict:
+    """Decode every batch of an RL-mode data iterator (greedy at `temperature` 0, else one sample
+    per prompt, batch i drawn with seed `seed` + i: the same replies every run) and score the
+    answers under every reward style, `reward_style` being the headline. Every process passes the
+    same whole batches (a data shard of (0, 1)) and gets the same result.
 
     `on_batch(items_done, items_correct)` (headline style) is called after each batch; `limit`
     scores at most that many items (the first ones; no batch runs past it); `sampler` (default:
@@ -106,15 +108,16 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
     reward_style = check_reward_style(reward_style)
     if sampler is None:
         sampler = Sampler.for_tokenizer(model, layout.mesh, tokenizer, rules=layout.table)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
+                            top_p=float(top_p))
     items = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
         if limit is not None and len(items) >= limit:
             break
         b = on_mesh(batch, layout)
         feats = encode_batch(model, b["frames"], layout=layout)
         prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout)
-        tokens, _, lengths = sampler.generate_padded(prompt, None, params)
+        tokens, _, lengths = sampler.generate_padded(prompt, None, params, seed=seed + i)
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
                                        skip_special_tokens=True)
         for text, answer, cat, pid in zip(texts, batch["answer"], batch["category"],
@@ -123,4 +126,5 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
         items = items if limit is None else items[:limit]
         if on_batch is not None:
             on_batch(len(items), sum(i["correct"] for i in items))
-    return summarize(items, reward_style=reward_style)
+    return {**summarize(items, reward_style=reward_style),
+            "sampling": {"temperature": params.temperature, "top_p": params.top_p, "seed": seed}}

@@ -13,7 +13,8 @@ reasoning prompt of `lvr_jax.data.prompts.rl_prompt_ids` (with `data.pipeline.sy
 the config), the frames are encoded frame-parallel and the answers decoded with the shared-prefix
 sampler on the config's mesh (`--config.mesh.seq=...` etc.). Greedy by default
 (`--temperature=0`); `--num_samples=G` draws G answers from one prefill. Prints each response
-with the option letter `lvr_jax.rl.rewards.extract_answer` reads from it.
+with the answer `lvr_jax.rl.rewards.extract_answer` reads from it under the config's
+`rl.reward_style`.
 
 Options: inline as lines "A. ..." in --question, or --options: one value is split on commas,
 a repeated flag gives one option per value (commas kept). Not both.
@@ -155,7 +156,8 @@ class Generator:
 
         path = check_video_file(video)
         try:
-            raw, idx = read_frames(path, num_frames, fps, return_indices=True)
+            raw, idx = read_frames(path, num_frames, fps, return_indices=True,
+                                   short=self.config.data.pipeline.get("short_video", "all"))
         except VideoError as e:
             raise InputError(f"--video {e}") from e
         return self.preprocessor(raw), idx
@@ -198,6 +200,7 @@ class Generator:
         from lvr_jax.models.vlm import encode_batch, make_prompts
         from lvr_jax.rl.rewards import extract_answer
         from lvr_jax.rollout.sampler import SamplingParams
+        from lvr_jax.train import settings
 
         pipe = self.config.data.pipeline
         num_frames = int(pipe.num_frames if num_frames is None else num_frames)
@@ -225,11 +228,12 @@ class Generator:
                                 num_samples=int(num_samples))
         tokens, _, lengths = sampler.generate_padded(prompt, None, params, seed=int(seed))
         stops = set(sampler.eos_ids)
+        style = settings.reward_style(self.config)
         responses = []
         for row, n in zip(tokens, lengths):
             toks = [int(t) for t in row[:int(n)]]
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            responses.append({"text": text, "answer": extract_answer(text), "token_ids": toks,
+            responses.append({"text": text, "answer": extract_answer(text, style=style), "token_ids": toks,
                               "num_tokens": len(toks), "finished": bool(toks and toks[-1] in stops)})
         return {"checkpoint": str(self.checkpoint), "video": str(video),
                 "question": question_text(question, options),

@@ -39,6 +39,11 @@ def report_markdown(result: dict) -> str:
     if headline:
         lines.append(f"Headline reward style: **{headline}** (its accuracy is the result's `accuracy`); "
                      f"every column scores the same replies.\n")
+    if result.get("sampling"):
+        how = result["sampling"]
+        lines.append("Replies: greedy.\n" if not how["temperature"] else
+                     f"Replies: one sample per prompt, temperature {how['temperature']}, top_p "
+                     f"{how['top_p']}, seed {how['seed']}.\n")
     lines += ["| category | n | " + " | ".join(f"accuracy: {label(s)}" for s in styles) + " |",
               "|---|---:|" + "---:|" * len(styles)]
 
@@ -52,6 +57,9 @@ def report_markdown(result: dict) -> str:
     lines.append(row("**all**", result, result["accuracy"]))
     fmt = f"format rate ({headline}): " if headline else "format rate: "
     lines.append(f"\n{fmt}{result['format_rate']:.3f}")
+    if result.get("skipped"):
+        lines.append(f"\n{result['skipped']} item(s) not scored: their videos failed to load "
+                     f"(data.pipeline.on_error='skip'; the log names them)")
     others = {s: v for s, v in result.get("format_rate_by_style", {}).items() if s != headline}
     if others:
         lines.append("; ".join(f"format rate ({s}): {v:.3f}" for s, v in others.items()))
@@ -69,14 +77,28 @@ def write_report(result: dict, out_dir, name: str = "eval") -> tuple[Path, Path]
 
 def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None,
                         limit: int | None = None, name: str = "eval") -> dict:
-    """Greedy multiple-choice accuracy of a VILA-layout checkpoint on a split of the config's
+    """Multiple-choice accuracy (replies as `eval.temperature` / `eval.top_p` give them) of a
+    VILA-layout checkpoint on a split of the config's
     data, on the config's mesh, scored under every reward style with `config.rl.reward_style` as the
     headline; writes `<out_dir>/<name>.json` and `.md`."""
+    from lvr_jax.data.records import load_records
+    from lvr_jax.eval.generate import InputError, check_checkpoint
+
     reward_style = settings.reward_style(config)            # checked: a bad style fails here
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1 (or left out: every item), got {limit}")
+    check_checkpoint(checkpoint)                            # the inputs, before loading weights
+    split = split or config.eval.split
+    files = settings.data_files(config, split)
+    try:
+        if not load_records(files, on_error=config.data.pipeline.get("on_error", "raise")):
+            raise InputError(f"split {split!r}: no records in {files}")
+    except FileNotFoundError as e:
+        raise InputError(f"split {split!r}: {e}") from None
     mesh, layout = settings.mesh_and_layout(config)
     model, tok, _ = settings.load_model(config, checkpoint, mesh)
-    split = split or config.eval.split
-    records, data = validation_batches(config, tok, Path(checkpoint) / "vision_tower", split=split)
+    records, data = validation_batches(config, tok, Path(checkpoint) / "vision_tower", split=split,
+                                       num_examples=int(config.eval.get("num_examples", 0)))
     batches = iter(data)
     total = len(records) if limit is None else min(limit, len(records))
     t0 = time.perf_counter()
@@ -87,11 +109,13 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
 
     result = evaluate(model, tok, batches, layout=layout,
                       max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
-                      on_batch=progress, reward_style=reward_style)
+                      on_batch=progress, reward_style=reward_style, **settings.eval_sampling(config))
+    result["skipped"] = total - result["n"]                  # records whose video failed to load
     md_path = Path(out_dir) / f"{name}.md"
     if jax.process_index() == 0:
         _, md_path = write_report(result, out_dir, name)
     by_style = ", ".join(f"{s} {v:.3f}" for s, v in result["accuracy_by_style"].items())
+    skipped = f", {result['skipped']} not scored (video failed to load)" if result["skipped"] else ""
     say(f"[eval] {checkpoint} on {split}: accuracy {result['accuracy']:.3f} ({reward_style}; {by_style}) "
-        f"over {result['n']} (format {result['format_rate']:.3f}); report {md_path}")
+        f"over {result['n']}{skipped} (format {result['format_rate']:.3f}); report {md_path}")
     return result

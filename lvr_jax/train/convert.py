@@ -149,9 +149,12 @@ def run_flags(holders: dict):
     if v["to"] is None:
         raise ConvertError("--to is required: orbax or hf")
     if v["to"] == "orbax":
-        if v["like"]:
-            raise ConvertError("--like is only used with --to=hf")
+        if v["like"] or v["save_dtype"]:
+            raise ConvertError(f"--{'like' if v['like'] else 'save_dtype'} is only used with "
+                               f"--to=hf")
         return to_orbax(v["src"], v["dst"], overwrite=v["overwrite"],
                         param_dtype=v["param_dtype"], step=v["step"] or 0)
+    if holders["param_dtype"].present:
+        raise ConvertError("--param_dtype is only used with --to=orbax (--to=hf: --save_dtype)")
     return to_hf(v["src"], v["like"], v["dst"], step=v["step"], overwrite=v["overwrite"],
                  save_dtype=v["save_dtype"] or None)

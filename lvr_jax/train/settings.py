@@ -110,6 +110,15 @@ def sampling_params(config) -> SamplingParams:
     return from_fields(SamplingParams, config.rl, num_samples=int(config.rl.group_size))
 
 
+def eval_sampling(config) -> dict:
+    """`evaluate`'s sampling from the `eval` section: temperature (0, the default: greedy), top_p
+    and the seed of its first batch; checked as `SamplingParams` checks them."""
+    kw = dict(temperature=float(config.eval.get("temperature", 0.0)),
+              top_p=float(config.eval.get("top_p", 1.0)))
+    SamplingParams(**kw)
+    return {**kw, "seed": int(config.eval.get("seed", 0))}
+
+
 def grpo_settings(config) -> GRPOSettings:
     """The GRPO loss settings of the `rl` section (`dual_clip` 0: off)."""
     return from_fields(GRPOSettings, config.rl, dual_clip=float(config.rl.get("dual_clip", 0.0))

@@ -219,7 +219,7 @@ class Validator:
         try:
             result = evaluate(run.model, run.tokenizer, batches, layout=run.layout,
                               max_new_tokens=self.max_new_tokens, reward_style=self.reward_style,
-                              sampler=self.sampler)
+                              sampler=self.sampler, **settings.eval_sampling(run.config))
         finally:
             getattr(batches, "close", lambda: None)()
         metrics = validation_metrics(result)
