@@ -113,6 +113,12 @@ def test_tables_report_mean_sd_and_range_over_seeds(tmp_path):
     assert [p.name for p in written] == ["results.json", "frames.md", "frames.png", "stages.md",
                                          "stages.png"]
     assert all(p.stat().st_size > 0 for p in written)
+    # a later run of one study in the same workdir keeps the other study's arms in results.json
+    # (it had kept only its own) and replaces its own arms
+    again = [result("stages", "sft", 0, [0.4], steps=[11])]
+    ablation_report.write(again, tmp_path, dict(seeds=[0]))
+    arms = json.loads((tmp_path / "results.json").read_text())["arms"]
+    assert len(arms) == len(results) and again[0] in arms and results[-1] not in arms
 
 
 def test_ablate_frames_study_at_toy_size(tmp_path):

@@ -129,9 +129,15 @@ def plot(table: list[dict], study: str, out: Path) -> Path:
 
 
 def write(results: list[dict], work: Path, settings: dict) -> list[Path]:
-    """`results.json` (the settings and every finished arm) and, per study with results, its table
-    and PNG under `work`; returns the paths written."""
+    """`results.json` (the settings and every finished arm: this run's, and those an earlier run
+    in `work` recorded for other studies or seeds) and, per study with results, its table and PNG
+    under `work`; returns the paths written."""
     written = [work / "results.json"]
+    key = lambda r: (r["study"], r["name"], r["seed"])  # noqa: E731
+    if written[0].exists():
+        ours = {key(r) for r in results}
+        earlier = json.loads(written[0].read_text()).get("arms", [])
+        results = [r for r in earlier if key(r) not in ours] + list(results)
     atomic_write(written[0], json.dumps(dict(settings=settings, arms=results), indent=2).encode())
     seeds = sorted({r["seed"] for r in results})
     for study in sorted({r["study"] for r in results}):
