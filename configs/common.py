@@ -176,10 +176,10 @@ def real_model_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
     Values follow the reference recipe (Long-RL's longvila_7b_video_grpo.sh): GRPO on 256 frames x
     257 tokens per frame, lr 1e-6, sequence parallel over 8 devices (Long-RL: Ulysses 4); CoT-SFT
     at lr 1e-5. Not Long-RL's: G = 8 samples (its rollout.n is 5; 8 gives each seq device one
-    branch), the batch sizes and max_length below (README, "The reference recipe"). One prompt per step (its G samples share one prefill),
-    gradients accumulated over several steps: launch/plan_memory.py puts one 7B GRPO step at
-    63.4 GiB per device at 512 frames and 75.7 GiB at 1024 (README). Set data.dir and
-    init_checkpoint on the command line."""
+    branch), the batch sizes and max_length below (README, "The reference recipe"). One prompt
+    per step (its G samples share one prefill), gradients accumulated over several steps:
+    launch/plan_memory.py puts one 7B GRPO step at 63.4 GiB per device at 512 frames and 75.7 GiB
+    at 1024 (README). Set data.dir and init_checkpoint on the command line."""
     stage = check_stage(stage)
     c = base_config(model, dict(data=1, fsdp=-1, seq=8, tensor=1), stage)
     # ZeRO-3 over every device: params, grads and optimizer state sharded over fsdp AND the seq
