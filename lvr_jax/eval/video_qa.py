@@ -58,8 +58,9 @@ def report_markdown(result: dict) -> str:
     fmt = f"format rate ({headline}): " if headline else "format rate: "
     lines.append(f"\n{fmt}{result['format_rate']:.3f}")
     if result.get("skipped"):
-        lines.append(f"\n{result['skipped']} item(s) not scored: their videos failed to load "
-                     f"(data.pipeline.on_error='skip'; the log names them)")
+        lines.append(f"\n{result['skipped']} item(s) not scored: the data pipeline skipped them "
+                     f"(a video that failed to load, a prompt past max_length; "
+                     f"data.pipeline.on_error='skip'; the log names them)")
     others = {s: v for s, v in result.get("format_rate_by_style", {}).items() if s != headline}
     if others:
         lines.append("; ".join(f"format rate ({s}): {v:.3f}" for s, v in others.items()))
@@ -91,14 +92,16 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     split = split or config.eval.split
     files = settings.data_files(config, split)
     try:
-        if not load_records(files, on_error=config.data.pipeline.get("on_error", "raise")):
-            raise InputError(f"split {split!r}: no records in {files}")
+        records = load_records(files, on_error=settings.data_config(config).on_error)
     except FileNotFoundError as e:
         raise InputError(f"split {split!r}: {e}") from None
+    if not records:
+        raise InputError(f"split {split!r}: no records in {files}")
     mesh, layout = settings.mesh_and_layout(config)
     model, tok, _ = settings.load_model(config, checkpoint, mesh)
     records, data = validation_batches(config, tok, Path(checkpoint) / "vision_tower", split=split,
-                                       num_examples=int(config.eval.get("num_examples", 0)))
+                                       num_examples=int(config.eval.get("num_examples", 0)),
+                                       records=records)
     batches = iter(data)
     total = len(records) if limit is None else min(limit, len(records))
     t0 = time.perf_counter()
@@ -110,12 +113,12 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     result = evaluate(model, tok, batches, layout=layout,
                       max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
                       on_batch=progress, reward_style=reward_style, **settings.eval_sampling(config))
-    result["skipped"] = total - result["n"]                  # records whose video failed to load
+    result["skipped"] = total - result["n"]                  # items the data pipeline skipped
     md_path = Path(out_dir) / f"{name}.md"
     if jax.process_index() == 0:
         _, md_path = write_report(result, out_dir, name)
     by_style = ", ".join(f"{s} {v:.3f}" for s, v in result["accuracy_by_style"].items())
-    skipped = f", {result['skipped']} not scored (video failed to load)" if result["skipped"] else ""
+    skipped = f", {result['skipped']} skipped by the data pipeline" if result["skipped"] else ""
     say(f"[eval] {checkpoint} on {split}: accuracy {result['accuracy']:.3f} ({reward_style}; {by_style}) "
         f"over {result['n']}{skipped} (format {result['format_rate']:.3f}); report {md_path}")
     return result

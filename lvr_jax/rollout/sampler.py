@@ -95,8 +95,9 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
 
 def first_argmax(x, top=None):
     """`jnp.argmax(x, axis=-1)` (the first maximum; a NaN counts as the maximum) as two plain
-    reductions: XLA:CPU runs argmax's variadic (value, index) reduce about 5x slower, a tenth of
-    a tiny model's decode step. `top`: the row maxima [..., 1] when already at hand."""
+    reductions: XLA:CPU runs argmax's variadic (value, index) reduce several times slower (in a
+    profile of the tiny model's decode step, its slowest single op). `top`: the row maxima
+    [..., 1] when already at hand."""
     top = jnp.max(x, axis=-1, keepdims=True) if top is None else top   # NaN where a row has one
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)

@@ -80,17 +80,19 @@ def fixed_subset(records: list, n: int, seed: int = SUBSET_SEED) -> list:
 
 
 def validation_batches(config, tokenizer, vision_tower, *, split: str | None = None,
-                       num_examples: int = 0):
+                       num_examples: int = 0, records=None):
     """(records, dataset) of a split of the config's data for `evaluate`: RL-mode prompts, one
     pass in file order, `eval.batch_size` items per batch, the last batch short; every process
     reads every item (shard (0, 1)); frames always decoded (a training feature cache is not
-    used: `evaluate` encodes the frames). `iter(dataset)` starts a fresh pass over the same items."""
+    used: `evaluate` encodes the frames). `iter(dataset)` starts a fresh pass over the same items.
+    `records`: the split's records when the caller has loaded them already."""
     no_cache = {"feature_cache": ""} if config.data.pipeline.get("feature_cache") else {}
     dcfg = settings.data_config(config, mode="rl", num_epochs=1, shuffle=False,
                                 drop_remainder=False, batch_size=int(config.eval.batch_size),
                                 **no_cache)
-    records = load_records(settings.data_files(config, split or config.eval.split),
-                           on_error=dcfg.on_error)
+    if records is None:
+        records = load_records(settings.data_files(config, split or config.eval.split),
+                               on_error=dcfg.on_error)
     records = fixed_subset(records, num_examples)
     pre = Preprocessor.from_pretrained(Path(vision_tower))
     return records, make_iter_dataset(records, dcfg, tokenizer, pre, shard_index=0, shard_count=1)
