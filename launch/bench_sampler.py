@@ -1,7 +1,7 @@
 """Sampler benchmark: decode tokens/s vs transformers `generate()` on the same tiny Qwen2 weights
 (torch CPU, same batch and lengths, measured in one run: `--repeats` rounds, each timing HF, the
 shared prefix and the repeated prompts once, each timed call after a 0.5 s pause and the same call
-untimed, medians reported), and the prefix cache bytes and
+untimed for at least `--warm_s`, medians reported), and the prefix cache bytes and
 prefill FLOPs of a group of G samples with and without the shared prefix. Each sampler is also
 timed for one new token (the prefill and the first token), so the table splits each call into
 that and the decode loop's ms per step. Writes bench_sampler.md, bench_sampler.png and
@@ -40,6 +40,8 @@ flags.DEFINE_integer("group", 8, "G samples per prompt")
 flags.DEFINE_integer("prompt_len", 256, "tokens per prompt")
 flags.DEFINE_integer("new", 64, "new tokens per sample (>= 2: one for the first token, the rest decode)")
 flags.DEFINE_integer("repeats", 5, "timed rounds (after one warm-up of each sampler)")
+flags.DEFINE_float("warm_s", 0.25, "before each timed call, the same call untimed for at least this "
+                   "long (at least once): every sampler gets the same warm time, not its own call's")
 
 
 def tiny_torch_qwen2(folder: str, seed: int = 0):
@@ -92,7 +94,8 @@ def prefill_cost(llm, prompts: np.ndarray):
 
 def main(_):
     args = flags.FLAGS
-    for name, least in (("prompts", 1), ("group", 1), ("prompt_len", 1), ("new", 2), ("repeats", 1)):
+    for name, least in (("prompts", 1), ("group", 1), ("prompt_len", 1), ("new", 2), ("repeats", 1),
+                        ("warm_s", 0)):
         if getattr(args, name) < least:
             raise app.UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,10 +116,14 @@ def main(_):
     for _ in range(args.repeats):                      # interleaved: load drifts hit all three
         for name, run in runs.items():
             time.sleep(0.5)   # let the other runtime's worker threads stop spinning first
+            warm_until = time.perf_counter() + args.warm_s
             run()             # then the same call untimed: each sampler timed warm, as in a loop
+            while time.perf_counter() < warm_until:
+                run()
             seconds[name].append(run())
     cost = {"shared": prefill_cost(llm, prompts), "repeated": prefill_cost(llm, repeats)}
-    settings = {k: getattr(args, k) for k in ("prompts", "group", "prompt_len", "new", "repeats")}
+    settings = {k: getattr(args, k) for k in ("prompts", "group", "prompt_len", "new", "repeats",
+                                              "warm_s")}
     settings["cpu_devices"] = jax.device_count()
     print(bench_sampler_report.write(args.out, seconds, settings, cost,
                                      sys.modules["torch"].__version__))

@@ -24,11 +24,12 @@ def run(script, *flags, ok=True):
 def test_bench_sampler_writes_its_figures(tmp_path):
     prompts, group, length, new, repeats = 2, 3, 16, 4, 2
     run("bench_sampler.py", f"--out={tmp_path}", f"--prompts={prompts}", f"--group={group}",
-        f"--prompt_len={length}", f"--new={new}", f"--repeats={repeats}")
+        f"--prompt_len={length}", f"--new={new}", f"--repeats={repeats}", "--warm_s=0.01")
     got = json.loads((tmp_path / "bench_sampler.json").read_text())
     assert (tmp_path / "bench_sampler.png").stat().st_size > 0
     md = (tmp_path / "bench_sampler.md").read_text()
     assert md.count("| lvr_jax") == 2 and f"(batch {prompts * group})" in md
+    assert "for at least 0.01 s" in md and got["flags"]["warm_s"] == 0.01
     sec = got["seconds"]
     assert set(sec) == {n + t for n in ("hf", "shared", "repeated") for t in ("", "_first")}
     assert all(len(t) == repeats and min(t) > 0 for t in sec.values())

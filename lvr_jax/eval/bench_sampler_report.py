@@ -37,7 +37,8 @@ def table(summary: dict, flags: dict, cost: dict, torch_version: str) -> str:
         f"Tiny Qwen2 (64 wide, 2 layers), {flags['prompts']} prompts x G={flags['group']}, prompt "
         f"{flags['prompt_len']} tokens, {flags['new']} new tokens, greedy, CPU "
         f"({flags.get('cpu_devices', '?')} JAX device(s); torch {torch_version}), median of "
-        f"{flags['repeats']} interleaved rounds.",
+        f"{flags['repeats']} interleaved rounds, each call warmed by the same call for at least "
+        f"{flags.get('warm_s', 0)} s.",
         "", "| sampler | wall s | tokens/s | vs HF generate | first token s | decode ms/step "
         "| decode vs HF |", "|---|---:|---:|---:|---:|---:|---:|"]
     for n in SAMPLERS:
