@@ -143,3 +143,30 @@ def test_latest_complete_wins_over_partial(tmp_path):
         ck.wait_until_finished()
         assert ck.all_steps() == [2, 4]
     assert sorted(p.name for p in root.iterdir()) == ["2", "4"]
+
+
+def test_a_reader_leaves_a_running_save_alone(tmp_path):
+    """restore_params (convert, best/ readers) opens another run's directory read-only: the
+    temporary folder of that run's save in flight stays (a writer's Checkpointer deletes it),
+    nothing is created, and a read-only Checkpointer refuses to save instead of orbax skipping
+    the save silently."""
+    from lvr_jax.train.checkpoint import restore_params
+
+    params, _, _ = _sharded_state()
+    root = tmp_path / "ck"
+    with Checkpointer(root, max_to_keep=5, async_save=False) as ck:
+        ck.save(2, params=params)
+    in_flight = root / "3.orbax-checkpoint-tmp-1712345680"
+    shutil.copytree(root / "2", in_flight)
+    (in_flight / COMMIT_FILE).unlink()
+    r = restore_params(root, abstract_like(params))
+    assert r.step == 2 and in_flight.is_dir()
+    _assert_trees_equal(r.params, params)
+    with pytest.raises(CheckpointError, match="no complete checkpoint to restore"):
+        restore_params(in_flight, abstract_like(params))
+    assert {p.name for p in in_flight.iterdir()} == {p.name for p in (root / "2").iterdir()} - {
+        COMMIT_FILE}
+    with Checkpointer(root, read_only=True) as ck, \
+            pytest.raises(CheckpointError, match="opened read-only"):
+        ck.save(4, params=params)
+    assert sorted(p.name for p in root.iterdir()) == ["2", in_flight.name]

@@ -143,12 +143,16 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, async_save: bool = True):
+                 save_interval_steps: int = 1, async_save: bool = True, read_only: bool = False):
+        """`read_only`: for a reader of another run's checkpoints (convert, evaluate): nothing is
+        created, and the temporary folders of that run's saves in flight are left alone."""
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)   # a save killed mid-write leaves a tmp folder
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else save_interval_steps,
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)   # a save killed mid-write leaves a tmp folder
         handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS[:3]}
         handlers["meta"] = ocp.JsonCheckpointHandler()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -189,6 +193,8 @@ class Checkpointer:
         written). The write is asynchronous unless the manager was made with
         async_save=False; call `wait_until_finished` before reading the files.
         """
+        if self.read_only:   # orbax would skip the save silently
+            raise CheckpointError(f"cannot save step {step}: {self.directory} was opened read-only")
         step = int(step)
         later = [s for s in self._manager.all_steps() if s > step]
         if later:
@@ -347,9 +353,10 @@ def save_params(directory: str | os.PathLike, params: Any, *, step: int = 0,
 
 def restore_params(directory: str | os.PathLike, params: Any, *, step: int | None = None) -> Restored:
     """The params of checkpoint `step` (default: latest) in an existing checkpoint directory
-    (a training run's `checkpoints/` or a `save_params` directory). Nothing is created."""
+    (a training run's `checkpoints/` or a `save_params` directory), read-only: nothing is created
+    or deleted, not even the temporary folder of a save that run has in flight."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    with Checkpointer(directory, max_to_keep=None, async_save=False) as ck:
+    with Checkpointer(directory, async_save=False, read_only=True) as ck:
         return ck.restore_params(params, step=step)
