@@ -127,7 +127,7 @@ def test_merge_keeps_features_sharded_on_the_devices():
                        lengths=sample, adv=sample.astype(np.float32),
                        scores={k: sample.astype(np.float32) for k in ("reward", "accuracy")},
                        ids=np.repeat(base + np.arange(p)[:, None], 6, 1),
-                       attn=np.ones((p, 6), np.int32))
+                       attn=np.ones((p, 6), np.int32), nf=base + np.arange(p))
 
     acc, held = Assembler(p, 3), None
     draws = [fake(d) for d in range(3)]
@@ -140,6 +140,7 @@ def test_merge_keeps_features_sharded_on_the_devices():
     assert isinstance(held.feats, jax.Array)
     np.testing.assert_array_equal(np.asarray(held.feats)[:, 0, 0, 0], prompt)
     np.testing.assert_array_equal(held.ids[:, 0], prompt)
+    np.testing.assert_array_equal(held.nf, prompt)       # each clip's real frames follow it
     sample = (100 * (prompt // 100))[:, None] + (prompt % 100)[:, None] * g + np.arange(g)
     for x in (held.lengths, held.adv, held.scores["reward"], held.tokens[:, 0], held.old_lp[:, -1]):
         np.testing.assert_array_equal(np.asarray(x), sample.reshape(-1))

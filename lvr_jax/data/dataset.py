@@ -169,9 +169,12 @@ class ExampleBuilder:
             return Skipped(rec.source, rec.problem_id, str(e))
 
 
-def collate(examples: Sequence[dict], *, pad_id: int, max_length: int | None = None) -> dict:
+def collate(examples: Sequence[dict], *, pad_id: int, max_length: int | None = None,
+            frames: int = 0) -> dict:
     """Stack examples: token ids right-padded with `pad_id` (to max_length, else the longest),
-    frames zero-padded to the most frames. Adds attention_mask [B, L], length [B], num_frames [B].
+    frames zero-padded to `frames` (the config's num_frames: every batch the same shape, however
+    short its clips) or the most frames, if more. Adds attention_mask [B, L], length [B],
+    num_frames [B] (each clip's real frames: the prompts mask the rest out).
 
     Cached features (feature cache on): `features` [B, T, N, C] when any example has them,
     `frames` when any example has frames; in a batch with both (the cache is filling) each row
@@ -182,7 +185,7 @@ def collate(examples: Sequence[dict], *, pad_id: int, max_length: int | None = N
     lengths = [len(e["input_ids"]) for e in examples]
     width = max_length if max_length is not None else max(lengths)
     clip_len = [len(e["frame_indices"]) for e in examples]
-    t_max = max(clip_len)
+    t_max = max(max(clip_len), frames)
     b = len(examples)
     ids = np.full((b, width), pad_id, np.int32)
     attn = np.zeros((b, width), np.int32)
@@ -345,7 +348,8 @@ class BatchIterator(grain.DatasetIterator):
                 continue
             in_a_row = 0
             batch.append(ex)
-        return collate(batch, pad_id=self._pad_id, max_length=cfg.max_length)
+        return collate(batch, pad_id=self._pad_id, max_length=cfg.max_length,
+                       frames=cfg.num_frames)
 
     def get_state(self) -> dict:
         return {"parent": self._parent.get_state(), "skipped": self.skip_log.count}

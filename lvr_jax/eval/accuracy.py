@@ -28,7 +28,8 @@ from sharding.mesh import UNSHARDED, Layout
 from sharding.multihost import put_batch
 
 # logical names of the leading dims of the batch fields the model reads
-_BATCH_AXES = {"frames": ("batch", "frames"), "input_ids": ("batch",), "attention_mask": ("batch",)}
+_BATCH_AXES = {"frames": ("batch", "frames"), "input_ids": ("batch",), "attention_mask": ("batch",),
+               "num_frames": ("batch",)}
 
 
 def score_item(text, answer, category="unknown", problem_id="", *, reward_style: str = "longrl") -> dict:
@@ -116,7 +117,8 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
             break
         b = on_mesh(batch, layout)
         feats = encode_batch(model, b["frames"], layout=layout)
-        prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout)
+        prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout,
+                              b["num_frames"])
         tokens, _, lengths = sampler.generate_padded(prompt, None, params, seed=seed + i)
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
                                        skip_special_tokens=True)

@@ -474,14 +474,15 @@ def last_hidden(hidden, positions, segments, lengths):
 
 
 def to_left_padded(x, valid, multiple: int = 1):
-    """Right-padded [B, L, ...] (valid tokens first, mask `valid` [B, L]) -> left-padded, length
-    rounded up to a multiple of `multiple`; returns (x, valid). The layout `prefill` takes."""
+    """Right-padded [B, L, ...] (mask `valid` [B, L]; masked gaps, e.g. a short clip's padded
+    frames, stay) -> each row's last valid token at the end, length rounded up to a multiple of
+    `multiple`; returns (x, valid). The layout `prefill` takes."""
     length = x.shape[1]
     target = -(-length // multiple) * multiple
     if target != length:
         x = jnp.pad(x, [(0, 0), (0, target - length)] + [(0, 0)] * (x.ndim - 2))
         valid = jnp.pad(valid, [(0, 0), (0, target - length)])
-    shift = target - jnp.sum(valid, axis=1)
+    shift = target - jnp.max(jnp.where(valid, jnp.arange(target) + 1, 0), axis=1)
     roll = jax.vmap(lambda a, s: jnp.roll(a, s, axis=0))
     return roll(x, shift), roll(valid, shift)
 

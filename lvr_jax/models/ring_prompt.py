@@ -103,11 +103,13 @@ def _text(ids, attn, video_token_id):
 
 
 def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards: int,
-                chunks: int = 1):
+                chunks: int = 1, num_frames=None):
     """Positions and segments [B, Lp] (in the ring's order) for placeholder indices `at` [B] and
     after-placeholder text lengths `post` [B]; also the ids' index of each slot token (pre and
-    post slots, [B, S] each, -1 where padding)."""
+    post slots, [B, S] each, -1 where padding). `num_frames` [B]: each row's real frames (the
+    rest are padding; the text after the video follows the last real one); None: all."""
     f, k = tokens_per_frame, slot_units(text, tokens_per_frame)
+    real = frames if num_frames is None else jnp.asarray(num_frames)[:, None]
     s = k * f
     total = prompt_length(text, frames, f, shards, chunks)
     g = jnp.arange(total)[None, :]
@@ -115,8 +117,8 @@ def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards:
     pre_i = g - (s - at)                                    # token index in the pre slot
     post_m = g - (total - s) - (s - post)                   # m-th token after the placeholder
     is_pre, is_post = g < s, g >= total - s
-    in_video = (g >= s) & (g < s + frames * f)
-    pos = jnp.where(is_pre, pre_i, jnp.where(is_post, at + frames * f + post_m, at + g - s))
+    in_video = (g >= s) & (g < s + frames * f) & ((g - s) // f < real)
+    pos = jnp.where(is_pre, pre_i, jnp.where(is_post, at + real * f + post_m, at + g - s))
     ok = jnp.where(is_pre, pre_i >= 0, jnp.where(is_post, post_m >= 0, in_video))
     slot = jnp.arange(s)[None, :]
     pre_src = jnp.where(slot >= s - at, slot - (s - at), -1)
@@ -127,11 +129,13 @@ def ring_layout(at, post, text: int, frames: int, tokens_per_frame: int, shards:
     return order(pos), order(seg), pre_src, post_src
 
 
-def ring_prompts(vlm, feats, ids, attn, layout: Layout, chunks: int = 1) -> RingPrompt:
+def ring_prompts(vlm, feats, ids, attn, layout: Layout, chunks: int = 1,
+                 num_frames=None) -> RingPrompt:
     """Vision features [B, T, N, C] + right-padded ids / attention mask [B, L] (one video
-    placeholder per row) -> `RingPrompt` for the layout's ring (in `chunks` prefill chunks):
-    equal, as attention sees it, to `VLM.rollout_prompts` (same tokens at the same positions),
-    but built where it is used."""
+    placeholder per row; `num_frames` [B] of each clip's T frames real, None: all) ->
+    `RingPrompt` for the layout's ring (in `chunks` prefill chunks): equal, as attention sees
+    it, to `VLM.rollout_prompts` (same tokens at the same positions), but built where it is
+    used."""
     n = ring_size(layout)
     b, frames = feats.shape[:2]
     text, f = ids.shape[1], vlm.cfg.tokens_per_frame
@@ -143,7 +147,7 @@ def ring_prompts(vlm, feats, ids, attn, layout: Layout, chunks: int = 1) -> Ring
     video = layout.constrain(video, ("batch", "length", None, None))
     e = video.shape[-1]
     at, post = _text(ids, attn, vlm.cfg.video_token_id)
-    pos, seg, pre_src, post_src = ring_layout(at, post, text, frames, f, n, chunks)
+    pos, seg, pre_src, post_src = ring_layout(at, post, text, frames, f, n, chunks, num_frames)
 
     def slot(src):
         emb = vlm.llm.embed_tokens(jnp.take_along_axis(ids, jnp.maximum(src, 0), axis=1))

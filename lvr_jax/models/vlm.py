@@ -110,33 +110,41 @@ class VLM(nnx.Module):
                   functools.partial(vision_features, self.vision, mesh=layout.mesh, axis=axis))
         return jnp.stack([encode(f) for f in frames])
 
-    def prompt_from_features(self, feats, ids, attn):
+    def prompt_from_features(self, feats, ids, attn, num_frames=None):
         """Vision features [B, T, N, C] + right-padded prompt ids / attention mask [B, L] ->
-        (embeds [B, L - 1 + T * tokens_per_frame, E], valid [B, same]), right padded."""
-        b = feats.shape[0]
+        (embeds [B, L - 1 + T * tokens_per_frame, E], valid [B, same]), right padded.
+        `num_frames` [B]: each clip's real frames; the tokens of the frames after them (a short
+        clip padded to the batch's T) are masked out, so the text after the video follows its
+        last real frame (None: all T frames are real)."""
+        b, t = feats.shape[:2]
         video = jax.vmap(self.project_frames)(feats)
         video = video.reshape(b, -1, video.shape[-1])
         valid = expand_like_video(ids, attn.astype(jnp.int32), self.cfg.video_token_id,
-                                  video.shape[1], 1)
-        return self.embed_prompt(ids, video), valid.astype(bool)
+                                  video.shape[1], 1).astype(bool)
+        if num_frames is not None:
+            at = jnp.argmax(ids == self.cfg.video_token_id, axis=1)[:, None]
+            frame = (jnp.arange(valid.shape[1])[None] - at) // (video.shape[1] // t)
+            valid &= ~((frame >= jnp.asarray(num_frames)[:, None]) & (frame < t))
+        return self.embed_prompt(ids, video), valid
 
     def prompts(self, feats, ids, attn, layout: Layout = UNSHARDED,
-                forward_only: bool = False) -> RingPrompt:
+                forward_only: bool = False, num_frames=None) -> RingPrompt:
         """The prompts of a step as `Qwen2.prefill` takes them, in the ring's order and sharding:
         built there (`cfg.ring_prompt`, `models.ring_prompt`) or spliced whole, left padded and
         then cut up (`rollout_prompts` + `shard_sequence`). The same tokens at the same positions
         either way. `forward_only`: laid out in `cfg.prefill_chunks` chunks, which
-        `Qwen2.prefill` runs one at a time (no gradient through that path's layout)."""
+        `Qwen2.prefill` runs one at a time (no gradient through that path's layout).
+        `num_frames` [B]: each clip's real frames (`prompt_from_features`)."""
         chunks = self.cfg.prefill_chunks if forward_only else 1
         if self.cfg.ring_prompt:
-            return ring_prompts(self, feats, ids, attn, layout, chunks)
-        x, mask = self.rollout_prompts(feats, ids, attn, layout.pad_multiple)
+            return ring_prompts(self, feats, ids, attn, layout, chunks, num_frames)
+        x, mask = self.rollout_prompts(feats, ids, attn, layout.pad_multiple, num_frames)
         return from_left_padded(x, mask, layout, chunks)
 
-    def rollout_prompts(self, feats, ids, attn, multiple: int = 1):
+    def rollout_prompts(self, feats, ids, attn, multiple: int = 1, num_frames=None):
         """`prompt_from_features` left padded to a multiple of `multiple` (a layout's
         `pad_multiple`): (x [B, Lp, E], mask [B, Lp]) for `Qwen2.prefill`."""
-        return to_left_padded(*self.prompt_from_features(feats, ids, attn), multiple)
+        return to_left_padded(*self.prompt_from_features(feats, ids, attn, num_frames), multiple)
 
 
 def splice(token_embeds: jax.Array, is_placeholder: jax.Array, video: jax.Array) -> jax.Array:
@@ -168,10 +176,12 @@ def encode_batch(model: VLM, frames, layout: Layout = UNSHARDED):
 
 
 @functools.partial(nnx.jit, static_argnames=("layout",), graph_updates=False)
-def make_prompts(model: VLM, feats, ids, attn, layout: Layout = UNSHARDED) -> RingPrompt:
+def make_prompts(model: VLM, feats, ids, attn, layout: Layout = UNSHARDED,
+                 num_frames=None) -> RingPrompt:
     """Compiled `VLM.prompts`: the prompts of cached features laid out (and sharded) for the
-    layout's ring, for `Qwen2.prefill` and the sampler (forward only: in `prefill_chunks`)."""
-    return model.prompts(feats, ids, attn, layout, forward_only=True)
+    layout's ring, for `Qwen2.prefill` and the sampler (forward only: in `prefill_chunks`);
+    `num_frames` [B]: each clip's real frames (the batch's `num_frames`)."""
+    return model.prompts(feats, ids, attn, layout, forward_only=True, num_frames=num_frames)
 
 
 def attention_options(section) -> AttentionOptions:

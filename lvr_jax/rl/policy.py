@@ -39,24 +39,26 @@ def response_logprobs(llm, prompt_embeds, prompt_mask, responses, *, temperature
 
 def group_logprobs(model, feats, ids, attn, responses, *, temperature: float,
                    layout: Layout = UNSHARDED, with_entropy: bool = False,
-                   forward_only: bool = False):
+                   forward_only: bool = False, num_frames=None):
     """log p of responses [B, G, T] under the VLM `model`, from cached vision features and
-    right-padded prompt ids; the prompt (`VLM.prompts`) runs once per group. `forward_only`
-    (the reference and old log-probs, never differentiated): the prompt is prefilled in the
-    model's `prefill_chunks` chunks."""
-    prompt = model.prompts(feats, ids, attn, layout, forward_only=forward_only)
+    right-padded prompt ids (`num_frames` [B]: each clip's real frames, None: all); the prompt
+    (`VLM.prompts`) runs once per group. `forward_only` (the reference and old log-probs, never
+    differentiated): the prompt is prefilled in the model's `prefill_chunks` chunks."""
+    prompt = model.prompts(feats, ids, attn, layout, forward_only=forward_only,
+                           num_frames=num_frames)
     return response_logprobs(model.llm, prompt, None, responses, temperature=temperature,
                              layout=layout, with_entropy=with_entropy)
 
 
 def grpo_step_loss(model, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv, *,
-                   settings, layout: Layout = UNSHARDED):
+                   settings, layout: Layout = UNSHARDED, num_frames=None):
     """GRPO loss of a rollout batch under the policy `model`: responses [B, G, T], resp_mask /
     old_lp / ref_lp [B*G, T] (old_lp None: on-policy, ratio 1), adv [B*G]; `settings` a
-    `GRPOSettings`. Returns (loss, metrics with the entropy)."""
+    `GRPOSettings`; `num_frames` [B] as `group_logprobs`. Returns (loss, metrics with the
+    entropy)."""
     b, g, t = responses.shape
     lp, ent = group_logprobs(model, feats, ids, attn, responses, temperature=settings.temperature,
-                             layout=layout, with_entropy=True)
+                             layout=layout, with_entropy=True, num_frames=num_frames)
     loss, metrics = grpo_loss(lp.reshape(b * g, t), old_lp, ref_lp, adv, resp_mask,
                               clip_low=settings.clip_low, clip_high=settings.clip_high,
                               beta=settings.beta, loss_agg=settings.loss_agg,

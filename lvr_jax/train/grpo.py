@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "layout"), graph_updates=False)
-def logprobs_under(model, feats, ids, attn, responses, temperature, layout=UNSHARDED):
+def logprobs_under(model, feats, ids, attn, responses, temperature, layout=UNSHARDED,
+                   num_frames=None):
     """log p of the responses under `model` (the reference, or the policy for recomputed old
-    log-probs), prompt run once per group."""
+    log-probs), prompt run once per group (`num_frames` [B]: each clip's real frames)."""
     return group_logprobs(model, feats, ids, attn, responses, temperature=temperature,
-                          layout=layout, forward_only=True)
+                          layout=layout, forward_only=True, num_frames=num_frames)
 
 
 def minibatch(rows, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv):
@@ -59,19 +60,20 @@ def minibatch(rows, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv)
 @functools.partial(nnx.jit, static_argnames=("settings", "layout", "on_policy"),
                    donate_argnames=("model", "optimizer"))
 def grpo_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv,
-                settings, layout=UNSHARDED, rows=None, on_policy=False):
+                settings, layout=UNSHARDED, rows=None, on_policy=False, num_frames=None):
     """One optimizer step on the GRPO loss (`GRPOSettings` `settings`) of a rollout batch, or of
     its prompts `rows` (a PPO minibatch: all G samples of each). `on_policy`: the policy has not
     changed since the rollout, so old = the policy's own log-probs (ratio exactly 1) and
-    `old_lp` is not read."""
+    `old_lp` is not read. `num_frames` [B]: each clip's real frames (None: all)."""
     if rows is not None:
         feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv = minibatch(
             rows, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv)
+        num_frames = None if num_frames is None else jnp.take(num_frames, rows, axis=0)
 
     def loss_fn(model):
         return grpo_step_loss(model, feats, ids, attn, responses, resp_mask,
                               None if on_policy else old_lp, ref_lp, adv, settings=settings,
-                              layout=layout)
+                              layout=layout, num_frames=num_frames)
 
     return optimizer_step(model, optimizer, loss_fn)
 
@@ -92,19 +94,22 @@ UPDATE_METRICS = ("loss", "policy_loss", "kl", "clip_frac", "entropy", "grad_nor
 
 
 def ppo_updates(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp, ref_lp, adv,
-                settings, *, layout=UNSHARDED, minibatches: int = 1, seed: int = 0) -> list[dict]:
+                settings, *, layout=UNSHARDED, minibatches: int = 1, seed: int = 0,
+                num_frames=None) -> list[dict]:
     """The optimizer steps on one rollout of P prompts x G samples: one step on all of it, or
     `minibatches` M steps on its prompts shuffled (by `seed`) into M equal minibatches (all G
-    samples of a prompt together, so each minibatch keeps the shared prefix). The first
+    samples of a prompt together, so each minibatch keeps the shared prefix; `num_frames` [P]:
+    each clip's real frames). The first
     minibatch is on-policy (ratio exactly 1); the later ones compare with `old_lp`, the policy's
     log-probs before the first step, so their ratios move off 1 and clipping acts. Returns each
     step's metrics."""
     if minibatches == 1:
         return [grpo_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp,
-                            ref_lp, adv, settings, layout=layout)]
+                            ref_lp, adv, settings, layout=layout, num_frames=num_frames)]
     order = minibatch_order(responses.shape[0], minibatches, seed)
     return [grpo_update(model, optimizer, feats, ids, attn, responses, resp_mask, old_lp, ref_lp,
-                        adv, settings, layout=layout, rows=rows, on_policy=m == 0)
+                        adv, settings, layout=layout, rows=rows, on_policy=m == 0,
+                        num_frames=num_frames)
             for m, rows in enumerate(order)]
 
 
@@ -164,8 +169,10 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
         index, count = run.shard
         block = slice(index * roll.ids.shape[0] // count, (index + 1) * roll.ids.shape[0] // count)
         roll.dev = run.device_batch({"input_ids": roll.ids[block],
-                                     "attention_mask": roll.attn[block]})
+                                     "attention_mask": roll.attn[block],
+                                     "num_frames": roll.nf[block]})
     feats, ids, attn = roll.feats, roll.dev["input_ids"], roll.dev["attention_mask"]
+    nf = roll.dev["num_frames"]
     tokens, old_lp, lengths, adv = roll.tokens, roll.old_lp, roll.lengths, roll.adv
     with jax.profiler.TraceAnnotation("reward"):
         resp_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
@@ -178,17 +185,18 @@ def grpo_step(run: Run, batch: dict, ref, sampler: Sampler) -> dict:
     responses = tokens.reshape(-1, g, tokens.shape[1])
     with jax.profiler.TraceAnnotation("logprob"):
         ref_lp = logprobs_under(ref, feats, ids, attn, responses, loss_settings.temperature,
-                                layout=layout).reshape(tokens.shape)
+                                layout=layout, num_frames=nf).reshape(tokens.shape)
         old = old_lp
         if rl.recompute_old_logprobs or minibatches > 1:
             old = logprobs_under(run.model, feats, ids, attn, responses,
-                                 loss_settings.temperature, layout=layout).reshape(tokens.shape)
+                                 loss_settings.temperature, layout=layout,
+                                 num_frames=nf).reshape(tokens.shape)
         jax.block_until_ready(ref_lp)
     t_logprob = time.perf_counter() - t0 - t_rollout
     with jax.profiler.TraceAnnotation("update"):
         steps = ppo_updates(run.model, run.optimizer, feats, ids, attn, responses, resp_mask, old,
                             ref_lp, adv, loss_settings, layout=layout, minibatches=minibatches,
-                            seed=seed + 1)
+                            seed=seed + 1, num_frames=nf)
         steps = jax.block_until_ready([{k: m[k] for k in UPDATE_METRICS} for m in steps])
         means = {k: float(np.mean([float(m[k]) for m in steps])) for k in UPDATE_METRICS}
     t_update = time.perf_counter() - t0 - t_rollout - t_logprob

@@ -164,8 +164,9 @@ class Rollout:
     dev: dict | None = None              # device input_ids / attention_mask (one draw as is)
     ids: np.ndarray | None = None        # [P, L] the whole batch (dynamic sampling only)
     attn: np.ndarray | None = None
+    nf: np.ndarray | None = None         # [P] each clip's real frames (dynamic sampling only)
 
-    PROMPT = ("ids", "attn")
+    PROMPT = ("ids", "attn", "nf")
     SAMPLE = ("tokens", "old_lp", "lengths", "adv")
 
 
@@ -178,7 +179,8 @@ def roll_out(run: Run, batch: dict, sampler: Sampler, seed: int, *, host_ids: bo
     b = run.device_batch(batch)
     with jax.profiler.TraceAnnotation("encode"):
         feats = step_features(run, batch, b)      # cached, or encoded (frames freed here)
-        prompt = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], layout)
+        prompt = make_prompts(run.model, feats, b["input_ids"], b["attention_mask"], layout,
+                              b["num_frames"])
     tokens, old_lp, lengths = sampler.generate_padded(prompt, None, params, seed=seed)
     with jax.profiler.TraceAnnotation("reward"):
         scores = local_rewards(run, batch, tokens, lengths)
@@ -187,6 +189,7 @@ def roll_out(run: Run, batch: dict, sampler: Sampler, seed: int, *, host_ids: bo
     if host_ids:
         out.ids = gather_rows(np.asarray(batch["input_ids"]), run.shard)
         out.attn = gather_rows(np.asarray(batch["attention_mask"]), run.shard)
+        out.nf = gather_rows(np.asarray(batch["num_frames"]), run.shard)
     return out
 
 
@@ -244,7 +247,7 @@ def dynamic_batch(run: Run, batch: dict, sampler: Sampler, dyn: DynamicSampling,
     held, seen = None, []
     new = roll_out(run, batch, sampler, seed, host_ids=True)
     while True:
-        seen.append(dataclasses.replace(new, feats=None, dev=None, ids=None, attn=None,
+        seen.append(dataclasses.replace(new, feats=None, dev=None, ids=None, attn=None, nf=None,
                                         tokens=None, old_lp=None))
         keep = np.asarray(keep_in_band(new.scores[dyn.key], g, dyn.low, dyn.high))
         held = merge_rollouts(held, new, acc.add(keep), g)

@@ -116,7 +116,7 @@ def replicate_stray_arrays(module, mesh) -> None:
 # Logical names of the leading dims of the batch fields that go to the devices.
 BATCH_AXES = {"frames": ("batch", "frames"), "features": ("batch", "frames"),
               "input_ids": ("batch",),
-              "attention_mask": ("batch",), "loss_mask": ("batch",)}
+              "attention_mask": ("batch",), "loss_mask": ("batch",), "num_frames": ("batch",)}
 
 
 @dataclasses.dataclass
