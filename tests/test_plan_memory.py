@@ -43,8 +43,11 @@ def test_prefill_memory_scales_with_frames_and_seq(pm):
     for r in (short, long, single):
         assert r.phase == "prefill" and min(r.args, r.outputs, r.temp, r.held) > 0
         assert r.peak == r.args + r.outputs - r.alias + r.temp + r.held
-        # held = what the step keeps outside the prefill: optimizer, reference, frames, features
-        assert set(r.held_items) == set(pm.HOLDS["prefill"])
+        # held = what the step keeps outside the prefill: optimizer, reference, frames, features,
+        # and the embedding table, passed with the LLM but unread (jit prunes it from args)
+        assert set(r.held_items) == set(pm.HOLDS["prefill"]) | {"unread_args"}
+    embed = pm.shard_bytes(ring.model.llm.embed.value)
+    assert short.held_items["unread_args"] == long.held_items["unread_args"] == embed > 0
     assert long.temp > short.temp
     assert long.outputs > short.outputs          # the prefix K/V grows with the prompt
     # the ring splits the prompt over 4 devices: each holds much less than the whole
@@ -94,6 +97,12 @@ def test_offload_adjusts_the_update_by_the_prompts_checkpoints(pm):
     llm = c.model.llm          # layers x prompts x a quarter of the padded prompt x hidden x f32
     want = llm.num_layers * 2 * (s.padded() // 4) * llm.hidden_size * 4
     assert pm.offloaded_checkpoints(c, layout, s) == want > 0
+    c.rl.ppo_minibatches = 2          # one minibatch's prompts: half of them
+    assert pm.offloaded_checkpoints(c, layout, s) == want // 2
+    c.rl.ppo_minibatches = 1
+    data2 = make_mesh({"data": 2, "fsdp": 1, "seq": 4, "tensor": 1})   # the rows split over data
+    assert pm.offloaded_checkpoints(c, pm.Layout.of(data2, pm.settings.sharding_rules(c)),
+                                    pm.step_shapes(c, data2, 16)) == want // 2
     update, = pm.plan_step(pm.Plan.build(c, ring), 16, phases=("update",), log=lambda _: None)
     assert update.host_offload == want and update.adjusted == update.peak - want
 

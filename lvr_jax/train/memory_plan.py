@@ -11,13 +11,10 @@ mesh and sharding rules (one `Layout`), and reads `compiled.memory_analysis()` p
   ref_logprobs  train.grpo.logprobs_under    reference model log-probs of the responses
   update        train.grpo.grpo_update       GRPO loss + grads + optimizer update
 
-The model and optimizer are built with `nnx.eval_shape` as `train.state.setup` builds them
-(`make_optimizer`, `trainable_filter`), params placed by their logical names with the config's
-`sharding_rules` (as `hf.load_vlm` places them); sampling and loss settings come from
-`train.settings`. Every input is a `jax.ShapeDtypeStruct` with a NamedSharding, and each phase's
-inputs carry the output shardings the compiler chose for the phase that produced them
-(features -> prompts -> prefix -> decode state). The ring always compiles with its position tie
-on (`AttentionOptions.tie_positions="on"`), as on GPUs; "auto" would leave it off on XLA:CPU.
+Model and optimizer: `nnx.eval_shape` as `train.state.setup` builds them, params placed by the
+config's `sharding_rules` (as `hf.load_vlm`); settings from `train.settings`. Inputs are
+ShapeDtypeStructs carrying the output shardings of the phase that produced them (features ->
+prompts -> prefix -> decode state). The ring compiles with its position tie on, as on GPUs.
 
 How memory is counted, per device (bytes of a device's shard):
   args, outputs, alias, temp   from memory_analysis() of the phase's executable (the read-only
@@ -26,7 +23,9 @@ How memory is counted, per device (bytes of a device's shard):
   held                         arrays that live through the whole step but are not arguments of
                                the phase (grpo_step keeps them referenced): optimizer state, the
                                frozen reference params, the policy params, the cached features,
-                               the prompt embeddings (`x` lives all step); see HOLDS.
+                               the prompt embeddings (until the rollout ends); see HOLDS; and
+                               `unread_args`: what the phase is passed but jit prunes, unread
+                               (e.g. the reference's vision tower in ref_logprobs), still live.
   peak = args + outputs - alias + temp + held   (an upper estimate: XLA may free an argument or
                                a temp buffer before all outputs exist; alias = donated buffers
                                reused for outputs).
@@ -38,35 +37,27 @@ How memory is counted, per device (bytes of a device's shard):
                                layer loop (LOOPED phases) loop-invariant code motion hoists the
                                upcast of a whole stacked bf16 array (the update's checkpoints, a
                                chunked prefill's K/V cache) out of it: a float32 copy a GPU never
-                               makes. Measured: the phase compiled again with
-                               `while-loop-invariant-code-motion` off, the drop in temp
-                               (`upcast_copies`; bf16 programs only: in the tiny float32 update
-                               that drop is 12 KB of 19 MB of temp).
+                               makes. Measured: the drop in temp with
+                               `while-loop-invariant-code-motion` off (`upcast_copies`; bf16
+                               programs only).
 The step fits when the largest phase peak (adjusted where there is one) is within the budget.
 
-Inputs are placed as the trainer places them (`Run.device_batch`: `train.state.BATCH_AXES` through
-`sharding.multihost.batch_sharding` with the layout's rules): rows over the `batch` axes, clips'
-frames over `frames`; rollout outputs (responses, masks, log-probs, advantages) replicated.
+Inputs are placed as `Run.device_batch` places them (rows over the `batch` axes, clips' frames
+over `frames`); rollout outputs (responses, masks, log-probs, advantages) replicated.
 
-Caveat: these are XLA:CPU compiles standing in for GPU ones. Buffer assignment, fusion and
-collectives differ per backend, and XLA:CPU computes bf16 dots with float32 results (a bf16
-[4096, 1024] x [1024, 4096] MLP block needs 3.5x the temp bytes of its bf16 activations), so
-bf16 activations count up to ~2x; float32-by-design buffers (attention scores, softmax state,
-logits, optimizer state) count the same. Read the numbers as upper estimates for a GPU. The
-XLA:CPU pass `all-reduce-promotion` is off in every compile here (`cpu_compile`): it aborts on
-the update's bf16 all-reduces.
+Caveat: XLA:CPU compiles stand in for GPU ones: buffer assignment, fusion and collectives differ,
+and XLA:CPU computes bf16 dots with float32 results, so bf16 activations count up to ~2x
+(float32-by-design buffers the same): upper estimates for a GPU. `cpu_compile` turns XLA:CPU's
+`all-reduce-promotion` off (it aborts on the update's bf16 all-reduces).
 
 What-if stand-ins (`Plan.build(..., stand_ins=("ring", "prefix"))`) replace an attention piece
 by an O(length) function of the same shapes, passed in the model config's `AttentionOptions`
 (`prompt=ring_stand_in`, `prefix=prefix_stand_in`): the plan then measures everything else, i.e.
 a lower bound for a tiled version of that piece.
 
-Sequence per prompt: frames x tokens_per_frame (257) + data.pipeline.max_length text tokens - 1
-(the video placeholder), as the ring holds it (`Shapes.padded`: with `model.ring_prompt`
-the ring layout's text slots and padding frames, else padded to 2 x seq; x `model.prefill_chunks`
-for the forward-only phases). Responses:
-rl.max_new_tokens, G = rl.group_size, prompts per step: data.pipeline.batch_size (global) or
-`batch`.
+Sequence per prompt: frames x tokens_per_frame (257) + data.pipeline.max_length - 1, as the ring
+holds it (`Shapes.padded`). Responses: rl.max_new_tokens, G = rl.group_size; prompts per step:
+data.pipeline.batch_size (global) or `batch`.
 """
 
 from __future__ import annotations
@@ -107,12 +98,9 @@ HOLDS = {
     "prompts": ("opt_state", "ref_params"),
     "prefill": ("opt_state", "ref_params", "feats", "non_llm_params"),
     "decode": ("opt_state", "ref_params", "feats", "non_llm_params", "prompt_embeds"),
-    "ref_logprobs": ("policy_params", "opt_state", "prompt_embeds"),
-    "update": ("ref_params", "prompt_embeds"),
+    "ref_logprobs": ("policy_params", "opt_state"),
+    "update": ("ref_params",),
 }
-
-
-# ------------------------------------------------------------------------------------ what-if
 
 
 def ring_stand_in(q, k, v, *_):
@@ -307,12 +295,15 @@ def offloaded_checkpoints(config, layout: Layout, s: Shapes) -> int:
     """Per-device bytes of the prompt's per-layer checkpoints under `model.remat_offload` (each
     layer's input, [B, padded tokens / ring size, hidden] in the compute dtype, kept in pinned
     host memory on a GPU; XLA:CPU drops the placement and counts them on the device). The
-    responses' checkpoints are offloaded too but not subtracted (an upper estimate). 0 when off."""
+    responses' checkpoints are offloaded too but not subtracted (an upper estimate). 0 when off.
+    Rows: one PPO minibatch's prompts, split over the `batch` axes where they divide."""
     if remat_setting(config.model) != "offload":
         return 0
     llm = vlm_config_from(config.model).llm
     local = s.padded() // layout.size("length")           # the update's prompt: one chunk
-    return llm.num_layers * s.batch * local * llm.hidden_size * jnp.dtype(llm.dtype).itemsize
+    rows = s.batch // settings.ppo_minibatches(config)
+    rows //= layout.size("batch") if rows % layout.size("batch") == 0 else 1
+    return llm.num_layers * rows * local * llm.hidden_size * jnp.dtype(llm.dtype).itemsize
 
 
 def step_shapes(config, mesh, frames: int, batch: int | None = None) -> Shapes:
@@ -348,16 +339,17 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
     want = set(phases)
     results = []
 
-    def record(name, lower):
+    def record(name, lower, *passed):
+        """Compile phase `name`; `passed`: everything its call is given (jit drops the unread)."""
         t0 = time.perf_counter()
         lowered = lower()
         compiled = cpu_compile(lowered)
         dt = time.perf_counter() - t0
         items = {k: held_bytes[k] for k in HOLDS[name]}
         if name in want:
-            update = name == "update"
-            offload = offloaded_checkpoints(config, layout, s) if update else 0
+            offload = offloaded_checkpoints(config, layout, s) if name == "update" else 0
             mem = memory(compiled)
+            items["unread_args"] = max(0, shard_bytes(passed) - mem["args"])
             bf16 = jnp.dtype(config.model.dtype).itemsize < 4     # a float32 program has none
             upcast = upcast_copies(lowered, mem["temp"]) if bf16 and name in LOOPED else 0
             r = PhaseMemory(name, s.frames, held=sum(items.values()), held_items=items,
@@ -372,14 +364,17 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
                 f"held {r.held / GIB:6.2f} -> peak {r.peak / GIB:8.2f} GiB{adj}  ({dt:.0f}s)")
         return compiled
 
+    policy = nnx.state(plan.model)
     feats = compiled_outputs(record("encode", lambda: encode_batch.lower(plan.model, frames_in,
-                                                                         layout=layout)))
+                                                                         layout=layout),
+                                    policy, frames_in))
     held_bytes["feats"] = shard_bytes(feats)
     # Later phases need the shardings of earlier outputs, so the early ones always compile.
     if max(PHASES.index(p) for p in want) < 1:
         return results
     prompt = compiled_outputs(record("prompts", lambda: make_prompts.lower(plan.model, feats, ids,
-                                                                           attn, layout)))
+                                                                           attn, layout),
+                                     policy, feats, ids, attn))
     held_bytes["prompt_embeds"] = shard_bytes(prompt)
     assert prompt.x.shape[1] == s.padded(s.chunks), (prompt.x.shape, s)
 
@@ -388,25 +383,29 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
         params = settings.sampling_params(config)
         run_prefill, run_init, run_decode = Sampler(plan.model, mesh, rules=layout.table).compiled(params)
         llm_state = nnx.state(plan.model.llm)
-        prefix = compiled_outputs(record("prefill", lambda: run_prefill.lower(llm_state, prompt, None)))
+        prefix = compiled_outputs(record("prefill", lambda: run_prefill.lower(llm_state, prompt, None),
+                                         llm_state, prompt))
         if "decode" in want:
             dstate = compiled_outputs(cpu_compile(run_init.lower(prefix)))
             keys = sds((s.batch * g,), jax.random.key(0).dtype, mesh)
-            record("decode", lambda: run_decode.lower(llm_state, prefix, dstate, keys))
+            record("decode", lambda: run_decode.lower(llm_state, prefix, dstate, keys),
+                   llm_state, prefix, dstate, keys)
 
     responses = sds((s.batch, g, t), jnp.int32, mesh)
     loss = settings.grpo_settings(config)
     if "ref_logprobs" in want:
         record("ref_logprobs", lambda: logprobs_under.lower(
-            plan.ref, feats, ids, attn, responses, loss.temperature, layout=layout))
+            plan.ref, feats, ids, attn, responses, loss.temperature, layout=layout),
+            nnx.state(plan.ref), feats, ids, attn, responses)
     if "update" in want:
         rows = (s.batch * g, t)
         m = settings.ppo_minibatches(config)      # one minibatch's update (all of it for m = 1)
         minibatch = None if m == 1 else sds((s.batch // m,), jnp.int32, mesh)
-        record("update", lambda: grpo_update.lower(
-            plan.model, plan.optimizer, feats, ids, attn, responses, sds(rows, jnp.bool_, mesh),
-            sds(rows, jnp.float32, mesh), sds(rows, jnp.float32, mesh),
-            sds((s.batch * g,), jnp.float32, mesh), loss, layout=layout, rows=minibatch))
+        rest = (responses, sds(rows, jnp.bool_, mesh), sds(rows, jnp.float32, mesh),
+                sds(rows, jnp.float32, mesh), sds((s.batch * g,), jnp.float32, mesh))
+        record("update", lambda: grpo_update.lower(plan.model, plan.optimizer, feats, ids, attn,
+                                                   *rest, loss, layout=layout, rows=minibatch),
+               policy, nnx.state(plan.optimizer), feats, ids, attn, rest, minibatch)
     return results
 
 
