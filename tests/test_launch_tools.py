@@ -222,11 +222,12 @@ def test_evaluate_inputs_and_skipped_items(tiny, tmp_path):
     with pytest.raises(IE, match=r"split 'empty': no records in .*empty.jsonl"):
         evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="empty")
     bad = dict(tiny["recs"][0], problem_id="gone", videos="nowhere.mp4")
-    (data / "badval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*tiny["recs"], bad]))
+    (data / "badval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*tiny["recs"], bad])
+                                       + "{not a record\n")
     result = evaluate_checkpoint(cfg, tiny["ckpt"], tmp_path, split="badval")
-    assert result["n"] == 2 and result["skipped"] == 1
-    assert "1 item(s) not scored" in (tmp_path / "eval.md").read_text()
-    assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == 1
+    assert result["n"] == 2 and result["skipped"] == 2       # the missing video, the bad line
+    assert "2 item(s) not scored" in (tmp_path / "eval.md").read_text()
+    assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == 2
 
 
 # ---------------------------------------------------------------------------------------------

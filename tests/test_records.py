@@ -79,7 +79,17 @@ def test_bad_records(tmp_path, line, msg):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(_reason_obj("ok")) + "\n\n" + line + "\n")
     with pytest.raises(RecordError, match=rf"bad.jsonl:3.*{msg}"):
-        load_records(path)
+        load_records(path, need_reasoning=True)
+    if "<think>" in line:     # a reasoning RL and evaluation never read does not drop the record
+        assert len(load_records(path)) == 2
+
+
+def test_reasoning_errors_name_the_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_reason_obj("p", reasoning="<think> only </think>")) + "\n")
+    with pytest.raises(RecordError, match=r"d.jsonl:1.*field 'reasoning': cannot read"):
+        load_records(path, need_reasoning=True)
+    assert [r.reasoning for r in load_records(path)] == ["<think> only </think>"]
 
 
 def test_duplicates_warn_and_stay_distinct(tmp_path, caplog):

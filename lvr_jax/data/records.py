@@ -222,11 +222,11 @@ def parse_record(obj: Any, source: str, *, need_reasoning: bool = False) -> Reco
         raise RecordError(source, pid, "missing field 'reasoning' (needed for SFT)")
     rec = Record(problem_id=pid, video=video, question=question, answer=answer, letter=letter,
                  category=str(category), reasoning=reasoning, source=source)
-    if reasoning.strip():
+    if need_reasoning and reasoning.strip():   # RL and evaluation never read it: no reason to drop
         try:
             prompts.reasoning_response(reasoning, rec.reply_answer, open_ended=rec.open_ended)
         except ValueError as e:
-            raise RecordError(source, pid, str(e)) from e
+            raise RecordError(source, pid, f"field 'reasoning': {e}") from e
     return rec
 
 

@@ -59,7 +59,8 @@ def report_markdown(result: dict) -> str:
     lines.append(f"\n{fmt}{result['format_rate']:.3f}")
     if result.get("skipped"):
         lines.append(f"\n{result['skipped']} item(s) not scored: the data pipeline skipped them "
-                     f"(a video that failed to load, a prompt past max_length; "
+                     f"(a line that is no valid record, a video that failed to load, a prompt "
+                     f"past max_length; "
                      f"data.pipeline.on_error='skip'; the log names them)")
     others = {s: v for s, v in result.get("format_rate_by_style", {}).items() if s != headline}
     if others:
@@ -82,7 +83,7 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     VILA-layout checkpoint on a split of the config's
     data, on the config's mesh, scored under every reward style with `config.rl.reward_style` as the
     headline; writes `<out_dir>/<name>.json` and `.md`."""
-    from lvr_jax.data.records import load_records
+    from lvr_jax.data.records import SkipLog, load_records
     from lvr_jax.eval.generate import InputError, check_checkpoint
 
     reward_style = settings.reward_style(config)            # checked: a bad style fails here
@@ -92,7 +93,8 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     split = split or config.eval.split
     files = settings.data_files(config, split)
     try:
-        records = load_records(files, on_error=settings.data_config(config).on_error)
+        records = load_records(files, on_error=settings.data_config(config).on_error,
+                               skips=(bad_lines := SkipLog()))
     except FileNotFoundError as e:
         raise InputError(f"split {split!r}: {e}") from None
     if not records:
@@ -113,7 +115,8 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     result = evaluate(model, tok, batches, layout=layout,
                       max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
                       on_batch=progress, reward_style=reward_style, **settings.eval_sampling(config))
-    result["skipped"] = total - result["n"]                  # items the data pipeline skipped
+    # items the data pipeline skipped, and (all items asked for) the lines that were no record
+    result["skipped"] = total - result["n"] + (bad_lines.count if limit is None else 0)
     md_path = Path(out_dir) / f"{name}.md"
     if jax.process_index() == 0:
         _, md_path = write_report(result, out_dir, name)
