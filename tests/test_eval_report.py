@@ -87,7 +87,7 @@ def fake_evaluate(monkeypatch, **kw):
     from lvr_jax.eval import accuracy
 
     monkeypatch.setattr(accuracy, "encode_batch", lambda model, frames, layout=None: frames)
-    monkeypatch.setattr(accuracy, "make_prompts", lambda model, feats, ids, mask, layout: ids)
+    monkeypatch.setattr(accuracy, "make_prompts", lambda model, feats, ids, mask, layout, nf: ids)
     calls = []
 
     class Sampler:

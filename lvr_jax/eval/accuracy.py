@@ -83,9 +83,9 @@ def on_mesh(batch: dict, layout: Layout) -> dict:
     (global arrays, rows over the batch axes where they divide, so this works when the mesh spans
     several processes); plain device arrays without a mesh."""
     if layout.mesh is None:
-        return {k: jnp.asarray(batch[k]) for k in _BATCH_AXES}
+        return {k: jnp.asarray(batch[k]) for k in _BATCH_AXES if k in batch}
     return {k: put_batch(batch[k], layout.mesh, len(batch[k]), layout.table, names=names)
-            for k, names in _BATCH_AXES.items()}
+            for k, names in _BATCH_AXES.items() if k in batch}
 
 
 def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_tokens: int = 96,
@@ -118,7 +118,7 @@ def evaluate(model, tokenizer, batches, *, layout: Layout = UNSHARDED, max_new_t
         b = on_mesh(batch, layout)
         feats = encode_batch(model, b["frames"], layout=layout)
         prompt = make_prompts(model, feats, b["input_ids"], b["attention_mask"], layout,
-                              b["num_frames"])
+                              b.get("num_frames"))   # None: every clip all T frames
         tokens, _, lengths = sampler.generate_padded(prompt, None, params, seed=seed + i)
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
                                        skip_special_tokens=True)
