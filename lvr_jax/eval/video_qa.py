@@ -1,6 +1,6 @@
-"""Video QA evaluation of a checkpoint folder: greedy answers, overall and per-category accuracy under
-every reward style (`lvr_jax.rl.rewards.REWARD_STYLES`), one of them (the config's `rl.reward_style`)
-the headline; the report (`.json` + `.md`).
+"""Video QA evaluation of a checkpoint folder: answers (greedy unless eval.temperature > 0),
+overall and per-category accuracy under every reward style (`lvr_jax.rl.rewards.REWARD_STYLES`),
+one of them (the config's `rl.reward_style`) the headline; the report (`.json` + `.md`).
 
 The model-side code (`evaluate`, `score_item`, `summarize`, `score_replies`) lives in
 `lvr_jax.eval.accuracy`, which imports nothing from `lvr_jax.train`, so the training loop's

@@ -203,8 +203,11 @@ class Validator:
         self.best = BestCheckpoint(run.workdir)
         best = ("" if self.best.record is None else
                 f"; best so far {self.best.accuracy:.3f} at step {self.best.record['step']}")
+        how = settings.eval_sampling(cfg)
+        how = ("greedy" if not how["temperature"] else
+               f"temperature {how['temperature']}, top_p {how['top_p']}, seed {how['seed']}")
         say(f"[{what}] validation every {self.every} steps and at the end: {len(self.records)} "
-            f"{split} items, greedy, {self.max_new_tokens} new tokens, {self.reward_style} "
+            f"{split} items, {how}, {self.max_new_tokens} new tokens, {self.reward_style} "
             f"accuracy{best}")
 
     @classmethod
