@@ -97,6 +97,8 @@ CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 @pytest.mark.parametrize("template,problem,turn", [
     (None, PROBLEM, LONGRL_TURN), ("longrl", PROBLEM, LONGRL_TURN),
     (None, " " + PROBLEM + "\n\n", LONGRL_HEAD + " " + PROBLEM),    # the raw problem; turn stripped
+    ("longrl", "<video>" + PROBLEM, LONGRL_TURN),          # Long-RL removes "<video>" from problems
+    ("longrl", "Is it <video> red?\nA. y\nB. n", LONGRL_HEAD + "Is it  red?\nA. y\nB. n"),
     ("instruct", PROBLEM, INSTRUCT_TURN), ("instruct", " " + PROBLEM + "\n", INSTRUCT_TURN),
     ("Q: {question} {{x}}  ", "Which? \n", "<vila/video>Q: Which? \n {x}"),
 ])

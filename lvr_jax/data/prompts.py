@@ -6,7 +6,7 @@ The user turn is built from a template (`data.pipeline.prompt_template`, `resolv
   `QUESTION_TEMPLATE_VIDEO` and `_get_messages_vila`; VILA's `extract_media` puts the video token
   right before the text, `tokenize_conversation` strips the message):
   `(VIDEO_TOKEN + LONGRL_VIDEO_TEMPLATE.format(question=question)).strip()`, the question being
-  the record's `problem` exactly as stored (not stripped);
+  the record's `problem` as stored (not stripped) less every "<video>" (Long-RL's `.replace`);
 * "instruct": `<vila/video>` + "\\n" + question (stripped, with its lettered options) + "\\n" +
   `REASONING_INSTRUCTION` (this package's earlier wording, kept byte for byte);
 * any other string: a custom template holding exactly one `{question}` field and no other
@@ -59,19 +59,22 @@ _ANSWER_SPAN_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
     """How a user turn is laid out: `video_sep` joins the video token and the filled `text`;
-    `strip_question` strips the question before filling; the whole turn is stripped."""
+    `strip_question` strips the question before filling, `drop` is removed from it; the whole
+    turn is stripped."""
     name: str
     text: str                   # a format string with one {question} field
     video_sep: str = ""
     strip_question: bool = False
+    drop: str = ""
 
     def user_turn(self, question: str, *, with_video: bool = True) -> str:
+        question = question.replace(self.drop, "") if self.drop else question
         body = self.text.format(question=question.strip() if self.strip_question else question)
         return ((VIDEO_TOKEN + self.video_sep if with_video else "") + body).strip()
 
 
 TEMPLATES = {
-    "longrl": PromptTemplate("longrl", LONGRL_VIDEO_TEMPLATE),
+    "longrl": PromptTemplate("longrl", LONGRL_VIDEO_TEMPLATE, drop="<video>"),   # as Long-RL
     "instruct": PromptTemplate("instruct", "{question}\n" + REASONING_INSTRUCTION, video_sep="\n",
                                strip_question=True),
 }
