@@ -177,3 +177,11 @@ def test_cpu_upcast_is_measured_for_bf16_updates_only(pm):
             assert f32_stack <= update.cpu_upcast < update.temp
             assert update.adjusted == update.peak - update.cpu_upcast
             assert update.as_dict()["cpu_upcast"] == update.cpu_upcast
+
+
+def test_a_batch_the_minibatches_do_not_split_is_refused_before_compiling(pm):
+    c = config()
+    c.rl.ppo_minibatches = 2
+    with pytest.raises(ValueError, match=r"3 prompts per rollout do not split into "
+                                         r"rl.ppo_minibatches=2"):
+        pm.plan_step(pm.Plan.build(c, mesh(4)), 4, batch=3, log=lambda _: None)

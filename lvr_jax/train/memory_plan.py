@@ -329,6 +329,8 @@ def plan_step(plan: Plan, frames: int, *, batch: int | None = None, phases=PHASE
     next phase's inputs)."""
     config, mesh, layout = plan.config, plan.mesh, plan.layout
     s = step_shapes(config, mesh, frames, batch)
+    if "update" in phases and s.batch % (m := settings.ppo_minibatches(config)):  # before compiling
+        raise ValueError(f"{s.batch} prompts per rollout do not split into rl.ppo_minibatches={m}")
     px = plan.model.cfg.vision.image_size
     held_bytes = plan.persistent()
     placed = lambda shape, dtype, field: jax.ShapeDtypeStruct(  # noqa: E731
