@@ -46,7 +46,7 @@ def test_prefill_memory_scales_with_frames_and_seq(pm):
         # held = what the step keeps outside the prefill: optimizer, reference, frames, features,
         # and the embedding table, passed with the LLM but unread (jit prunes it from args)
         assert set(r.held_items) == set(pm.HOLDS["prefill"]) | {"unread_args"}
-    embed = pm.shard_bytes(ring.model.llm.embed.value)
+    embed = pm.shard_bytes(ring.model.llm.embed.get_value())
     assert short.held_items["unread_args"] == long.held_items["unread_args"] == embed > 0
     assert long.temp > short.temp
     assert long.outputs > short.outputs          # the prefix K/V grows with the prompt
