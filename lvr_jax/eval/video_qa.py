@@ -115,8 +115,9 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
     result = evaluate(model, tok, batches, layout=layout,
                       max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
                       on_batch=progress, reward_style=reward_style, **settings.eval_sampling(config))
-    # items the data pipeline skipped, and (all items asked for) the lines that were no record
-    result["skipped"] = total - result["n"] + (bad_lines.count if limit is None else 0)
+    # items the data pipeline skipped, and (the whole split asked for) lines that were no record
+    whole = limit is None and not int(config.eval.get("num_examples", 0))
+    result["skipped"] = total - result["n"] + (bad_lines.count if whole else 0)
     md_path = Path(out_dir) / f"{name}.md"
     if jax.process_index() == 0:
         _, md_path = write_report(result, out_dir, name)

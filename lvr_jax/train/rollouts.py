@@ -161,7 +161,7 @@ class Rollout:
     lengths: np.ndarray                  # [P * G]
     scores: dict                         # local_rewards' per-sample scores [P * G]
     adv: np.ndarray                      # [P * G], per group (unchanged by selection)
-    dev: dict | None = None              # device input_ids / attention_mask (one draw as is)
+    dev: dict | None = None              # device input_ids / attention_mask / num_frames (a draw)
     ids: np.ndarray | None = None        # [P, L] the whole batch (dynamic sampling only)
     attn: np.ndarray | None = None
     nf: np.ndarray | None = None         # [P] each clip's real frames (dynamic sampling only)
@@ -172,8 +172,8 @@ class Rollout:
 
 def roll_out(run: Run, batch: dict, sampler: Sampler, seed: int, *, host_ids: bool) -> Rollout:
     """Encode or take the cached features (`train.features`; the frames are freed after), roll
-    out G samples per prompt, score; with `host_ids` also the whole batch's prompt ids / mask on
-    the host (gathered over processes)."""
+    out G samples per prompt, score; with `host_ids` also the whole batch's prompt ids / mask /
+    num_frames on the host (gathered over processes)."""
     layout = run.layout
     params = settings.sampling_params(run.config)
     b = run.device_batch(batch)
@@ -212,7 +212,7 @@ def merge_rollouts(held: Rollout | None, new: Rollout, rows: np.ndarray, g: int)
     shapes = {(p.feats.shape[1:], p.ids.shape[1:]) for p in parts}
     if len(shapes) > 1:
         raise ValueError(f"rl.dynamic_sampling: batches of different (features, prompt ids) shapes "
-                         f"{sorted(shapes)} in one step; set data.pipeline.max_length and fps=0")
+                         f"{sorted(shapes)} in one step; set data.pipeline.max_length")
 
     def cat(name, per_sample):
         x = np.concatenate([getattr(p, name) for p in parts])

@@ -1,6 +1,7 @@
 """Validation during training: every `eval.every` steps (and at the last step) the loop answers the
-validation split greedily with the model it trains, logs the accuracy with the step's metrics, and
-keeps the best validated params apart from the keep-N training checkpoints.
+validation split (as `evaluate`: greedy unless eval.temperature > 0) with the model it trains,
+logs the accuracy with the step's metrics, and keeps the best validated params apart from the
+keep-N training checkpoints.
 
 Config (`eval` section): `every` (steps; 0 = off), `num_examples` (0 = the whole split; N = a fixed
 subset of N items, the same every time: `fixed_subset`), `split`, `batch_size`, `max_new_tokens`;
