@@ -101,9 +101,9 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
         raise InputError(f"split {split!r}: no records in {files}")
     mesh, layout = settings.mesh_and_layout(config)
     model, tok, _ = settings.load_model(config, checkpoint, mesh)
+    num_examples = int(config.eval.get("num_examples", 0))
     records, data = validation_batches(config, tok, Path(checkpoint) / "vision_tower", split=split,
-                                       num_examples=int(config.eval.get("num_examples", 0)),
-                                       records=records)
+                                       num_examples=num_examples, records=records)
     batches = iter(data)
     total = len(records) if limit is None else min(limit, len(records))
     t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def evaluate_checkpoint(config, checkpoint, out_dir, *, split: str | None = None
                       max_new_tokens=int(config.eval.max_new_tokens), limit=limit,
                       on_batch=progress, reward_style=reward_style, **settings.eval_sampling(config))
     # items the data pipeline skipped, and (the whole split asked for) lines that were no record
-    whole = limit is None and not int(config.eval.get("num_examples", 0))
+    whole = limit is None and not num_examples
     result["skipped"] = total - result["n"] + (bad_lines.count if whole else 0)
     md_path = Path(out_dir) / f"{name}.md"
     if jax.process_index() == 0:

@@ -193,6 +193,7 @@ class Validator:
                              f"split), got {self.every} and {num}")
         self.reward_style = settings.reward_style(cfg)
         self.max_new_tokens = int(cfg.eval.max_new_tokens)
+        self.sampling = settings.eval_sampling(cfg)               # checked before any step runs
         split = cfg.eval.split
         self.records, self.data = validation_batches(
             cfg, run.tokenizer, Path(cfg.init_checkpoint) / "vision_tower", num_examples=num)
@@ -204,7 +205,7 @@ class Validator:
         self.best = BestCheckpoint(run.workdir)
         best = ("" if self.best.record is None else
                 f"; best so far {self.best.accuracy:.3f} at step {self.best.record['step']}")
-        how = settings.eval_sampling(cfg)
+        how = self.sampling
         how = ("greedy" if not how["temperature"] else
                f"temperature {how['temperature']}, top_p {how['top_p']}, seed {how['seed']}")
         say(f"[{what}] validation every {self.every} steps and at the end: {len(self.records)} "
@@ -225,7 +226,7 @@ class Validator:
         try:
             result = evaluate(run.model, run.tokenizer, batches, layout=run.layout,
                               max_new_tokens=self.max_new_tokens, reward_style=self.reward_style,
-                              sampler=self.sampler, **settings.eval_sampling(run.config))
+                              sampler=self.sampler, **self.sampling)
         finally:
             getattr(batches, "close", lambda: None)()
         metrics = validation_metrics(result)
